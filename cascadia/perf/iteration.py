@@ -150,9 +150,8 @@ class IterationModel:
         lin = (f.tokens * self._linear_flops_per_token + f.seqs * self._lm_head_flops_per_seq)
         attn = f.attn_pairs * self._attn_flops_per_pair
         t_compute = lin / (self._peak_flops * e.linear) + attn / (self._peak_flops * e.attention)
-        kv_bytes = (f.kv_read_tokens + f.tokens) * self._kv_bytes_per_token / 1.0
         # kv_bytes_per_token_per_gpu already divides by pp; weights and flops divide by tp*pp
-        mem_bytes = self.weight_bytes_read(f.tokens) + kv_bytes
+        mem_bytes = self.weight_bytes_read(f.tokens) + (f.kv_read_tokens + f.tokens) * self._kv_bytes_per_token
         t_memory = mem_bytes / (self._bw * e.memory)
         p = e.overlap_p
         if p == 1.0:
@@ -173,7 +172,59 @@ class IterationModel:
         return self.layout.pp * self.stage_times_s(f) + ho_fixed + ho_per_token * f.tokens
 
     def iteration_time_s(self, prefill_chunks: Sequence[tuple[int, int]], decode_context_tokens: Sequence[int]) -> float:
-        return float(self.iteration_times_s(BatchFeatures.of_batch(prefill_chunks, decode_context_tokens))[0])
+        f = BatchFeatures.of_batch(prefill_chunks, decode_context_tokens)
+        return self.time_one(float(f.tokens[0]), float(f.seqs[0]), float(f.attn_pairs[0]), float(f.kv_read_tokens[0]))
+
+    def time_one(self, tokens: float, seqs: float, attn_pairs: float, kv_read_tokens: float) -> float:
+        """`iteration_times_s` for a single iteration in plain floats: the simulator calls
+        this for every iteration that is not part of a fast-forwarded run, where numpy's
+        per-call cost on one-element arrays would dominate."""
+        e = self.eff
+        n_gpu = self.layout.n_gpus
+        if self._moe_layers:
+            m = self.model
+            touched = m.n_experts * (1.0 - (1.0 - m.n_active_experts / m.n_experts) ** tokens)
+            weights = (self._dense_weight_bytes + self._moe_layers * touched * self._expert_bytes) / n_gpu
+        else:
+            weights = self._dense_weight_bytes / n_gpu
+        lin = tokens * self._linear_flops_per_token + seqs * self._lm_head_flops_per_seq
+        t_compute = lin / (self._peak_flops * e.linear) + attn_pairs * self._attn_flops_per_pair / (self._peak_flops * e.attention)
+        t_memory = (weights + (kv_read_tokens + tokens) * self._kv_bytes_per_token) / (self._bw * e.memory)
+        p = e.overlap_p
+        if p == 1.0:
+            t = t_compute + t_memory
+        else:
+            hi, lo = (t_compute, t_memory) if t_compute >= t_memory else (t_memory, t_compute)
+            t = hi * (1.0 + (lo / hi) ** p) ** (1.0 / p) if hi > 0 else 0.0
+        ar_fixed, ar_per_token, ho_fixed, ho_per_token = self._comm
+        pp = self.layout.pp
+        stage = t + ar_fixed + ar_per_token * tokens + (e.overhead_s + e.per_seq_s * seqs) / pp
+        return pp * stage + ho_fixed + ho_per_token * tokens
 
     def decode_run_times_s(self, n_seqs: int, context_sum_start: float, steps: int) -> np.ndarray:
-        return self.iteration_times_s(BatchFeatures.decode_run(n_seqs, context_sum_start, steps))
+        """`iteration_times_s(BatchFeatures.decode_run(...))` with the terms that do not
+        change over the run hoisted out: the simulator's hot path."""
+        e = self.eff
+        n = float(n_seqs)
+        ctx = context_sum_start + n * np.arange(steps, dtype=np.float64)
+        pairs = ctx + n
+        if self._moe_layers:
+            m = self.model
+            touched = m.n_experts * (1.0 - (1.0 - m.n_active_experts / m.n_experts) ** n)
+            weights = (self._dense_weight_bytes + self._moe_layers * touched * self._expert_bytes) / self.layout.n_gpus
+        else:
+            weights = self._dense_weight_bytes / self.layout.n_gpus
+        lin = n * self._linear_flops_per_token + n * self._lm_head_flops_per_seq
+        t_compute = lin / (self._peak_flops * e.linear) + pairs * (self._attn_flops_per_pair / (self._peak_flops * e.attention))
+        t_memory = (weights + pairs * self._kv_bytes_per_token) / (self._bw * e.memory)
+        p = e.overlap_p
+        if p == 1.0:
+            t = t_compute + t_memory
+        else:
+            hi = np.maximum(t_compute, t_memory)
+            lo = np.minimum(t_compute, t_memory)
+            t = hi * (1.0 + (lo / hi) ** p) ** (1.0 / p)
+        ar_fixed, ar_per_token, ho_fixed, ho_per_token = self._comm
+        pp = self.layout.pp
+        fixed = ar_fixed + ar_per_token * n + (e.overhead_s + e.per_seq_s * n) / pp
+        return pp * (t + fixed) + (ho_fixed + ho_per_token * n)
