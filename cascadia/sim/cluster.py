@@ -98,6 +98,7 @@ def simulate(trace: Trace, stages: Sequence[StageDeployment] | StageDeployment, 
     stage_finish = np.full((n, n_stages), np.nan)
     stage_start = np.full((n, n_stages), np.nan)
     preempted = np.zeros(n, dtype=np.int64)
+    rejected = np.zeros(n, dtype=bool)
 
     heap: list = []
     seq = 0
@@ -117,6 +118,9 @@ def simulate(trace: Trace, stages: Sequence[StageDeployment] | StageDeployment, 
             eng = pool[0] if len(pool) == 1 else min(pool, key=lambda e: e.outstanding_tokens(now))
             s = SimSeq(i, int(prompts[i]), int(outputs[i]), now, hashes[i] if hashes is not None else None)
             stage_start[i, stage] = now
+            if not eng.fits(s):
+                rejected[i] = True
+                continue
             eng.add(s, now)
             if eng.busy:
                 if engine_version.get(id(eng)) != eng.version:  # the run was cut short
@@ -147,6 +151,7 @@ def simulate(trace: Trace, stages: Sequence[StageDeployment] | StageDeployment, 
     return SimResult.build(
         trace=trace, visits=visits, n_stages=n_stages, judge_latency_s=judge_latency_s,
         stage_start=stage_start, stage_first=stage_first, stage_finish=stage_finish, preempted=preempted,
+        rejected=rejected,
         engine_names=[e.name for e in engines], engine_busy_s=np.array([e.busy_s for e in engines]),
         engine_stage=np.array([int(e.name.split("/")[0][5:]) for e in engines]),
         iterations=sum(e.iterations for e in engines), events=events,

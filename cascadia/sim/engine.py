@@ -131,6 +131,11 @@ class SimEngine:
         return self.residues[(-(self.steps + steps_ahead)) % self.bs]
 
     # ---------------- arrivals ----------------
+    def fits(self, s: SimSeq) -> bool:
+        """Whether the request can ever be held: vLLM rejects a request longer than its
+        KV cache up front instead of letting it block the queue."""
+        return self._blocks_for(s.prompt + s.output) <= self.total_blocks
+
     def add(self, s: SimSeq, now: float) -> None:
         self.waiting.append(s)
         self.waiting_tokens += s.remaining_tokens()

@@ -37,12 +37,13 @@ class SimResult:
     iterations: int
     events: int
     prefix_hit_tokens: int
-    n_unfinished: int
+    n_unfinished: int  # rejected (longer than a replica's KV cache) or never completed
+    n_rejected: int
     wall_s: float
 
     @classmethod
     def build(cls, *, trace: Trace, visits, n_stages, judge_latency_s, stage_start, stage_first, stage_finish,
-              preempted, engine_names, engine_busy_s, engine_stage, iterations, events, prefix_hit_tokens,
+              preempted, rejected, engine_names, engine_busy_s, engine_stage, iterations, events, prefix_hit_tokens,
               wall_s) -> "SimResult":
         n = len(trace)
         idx = np.arange(n)
@@ -67,7 +68,7 @@ class SimResult:
         ])
         return cls(arrival, ttft, tpot, e2e, final, trace.input_tokens.copy(), trace.output_tokens.copy(),
                    preempted, shares, util, tuple(engine_names), engine_busy_s, makespan, iterations, events,
-                   prefix_hit_tokens, unfinished, wall_s)
+                   prefix_hit_tokens, unfinished, int(rejected.sum()), wall_s)
 
     @property
     def n_requests(self) -> int:
@@ -84,6 +85,7 @@ class SimResult:
         return {
             "requests": self.n_requests,
             "unfinished": self.n_unfinished,
+            "rejected": self.n_rejected,
             "makespan_s": self.makespan_s,
             "throughput_rps": self.throughput_rps(),
             "output_tokens_per_s": self.output_tokens_per_s(),

@@ -1,0 +1,257 @@
+"""`cascadia` command line. Subcommands import what they need when they run, so
+`cascadia simulate` never imports Ray or vLLM. Bad input exits with code 2 and one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def _add_trace_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", required=True,
+                   help="trace file (Azure/BurstGPT CSV, Mooncake JSONL, ShareGPT JSON) or a built-in "
+                        "name: azure-conv, azure-code")
+    p.add_argument("--format", choices=["azure", "burstgpt", "mooncake", "sharegpt"],
+                   help="trace format (default: guessed from the file)")
+    p.add_argument("--limit", type=int, help="use only the first N requests")
+    p.add_argument("--window", metavar="START:END", help="use requests arriving in [START, END) seconds")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="multiply arrival times (2 = half the rate; 0.25 = 4x the rate)")
+    p.add_argument("--rate", type=float, help="rescale arrivals to this mean rate (requests/s)")
+    p.add_argument("--length-scale", type=float, default=1.0,
+                   help="multiply input and output token counts (shrink a GPU trace for a CPU engine)")
+
+
+def _load_trace(args: argparse.Namespace):
+    from cascadia.traces import (BUILTIN_TRACES, TraceFormatError, builtin_trace_path, load_trace, scale_lengths,
+                                 scale_rate, scale_time, window)
+
+    path = builtin_trace_path(args.trace) if args.trace in BUILTIN_TRACES else Path(args.trace)
+    if not Path(path).exists():
+        raise UsageError(f"--trace: no such file or built-in trace: {args.trace}")
+    try:
+        trace = load_trace(path, args.format)
+    except TraceFormatError as e:
+        raise UsageError(str(e)) from None
+    if args.window:
+        try:
+            a, b = (float(x) for x in args.window.split(":"))
+        except ValueError:
+            raise UsageError(f"--window: expected START:END in seconds, got {args.window!r}") from None
+        trace = window(trace, a, b)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise UsageError("--limit must be >= 1")
+        trace = trace.select(slice(0, args.limit))
+    if args.time_scale <= 0:
+        raise UsageError("--time-scale must be > 0")
+    if args.time_scale != 1.0:
+        trace = scale_time(trace, args.time_scale)
+    if args.rate is not None:
+        if args.rate <= 0:
+            raise UsageError("--rate must be > 0")
+        trace = scale_rate(trace, args.rate)
+    if args.length_scale != 1.0:
+        if args.length_scale <= 0:
+            raise UsageError("--length-scale must be > 0")
+        trace = scale_lengths(trace, args.length_scale)
+    if len(trace) == 0:
+        raise UsageError("the trace selection is empty")
+    return trace
+
+
+def _model_spec(name: str):
+    from cascadia.catalog import get_model
+    from cascadia.specs.model import SpecError, model_from_hf_config
+
+    if Path(name).exists():
+        try:
+            return model_from_hf_config(name)
+        except SpecError as e:
+            raise UsageError(str(e)) from None
+    try:
+        return get_model(name)
+    except KeyError as e:
+        raise UsageError(f"--model: {e.args[0]}") from None
+
+
+def _default_calibration(model: str) -> Path | None:
+    p = Path(__file__).parent / "data" / "calibration" / f"{model}-cpu.json"
+    return p if p.exists() else None
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from cascadia.perf.calibration import Calibration, CalibrationError
+    from cascadia.perf.layout import Layout
+    from cascadia.perf.memory import LayoutDoesNotFit
+    from cascadia.sim.cluster import StageDeployment, simulate
+    from cascadia.sim.config import EngineConfig
+    from cascadia.specs.gpu import get_gpu
+
+    model = _model_spec(args.model)
+    try:
+        gpu = get_gpu(args.gpu)
+    except KeyError as e:
+        raise UsageError(f"--gpu: {e.args[0]}") from None
+    if args.replicas < 1 or args.tp < 1 or args.pp < 1:
+        raise UsageError("--replicas, --tp and --pp must be >= 1")
+    eff = None
+    calib_path = args.calibration or (_default_calibration(model.name) if gpu.name == "cpu" else None)
+    engine_kw = {}
+    if calib_path:
+        try:
+            calib = Calibration.load(calib_path)
+        except CalibrationError as e:
+            raise UsageError(str(e)) from None
+        gpu, eff = calib.device, calib.efficiency
+        from cascadia.perf.calibration import spec_for_dtype
+        model = spec_for_dtype(model, calib.dtype)
+        engine_kw = {k: v for k, v in calib.engine_config.items()
+                     if k in ("max_num_batched_tokens", "max_num_seqs", "block_size_tokens", "kv_cache_bytes")}
+    elif gpu.name == "cpu":
+        raise UsageError("--gpu cpu has no figures of its own: pass --calibration FILE from `cascadia profile`")
+    for key in ("max_num_batched_tokens", "max_num_seqs"):
+        if getattr(args, key) is not None:
+            engine_kw[key] = getattr(args, key)
+    if args.kv_cache_gib is not None:
+        engine_kw["kv_cache_bytes"] = args.kv_cache_gib * 1024**3
+    engine_kw["enable_prefix_caching"] = args.prefix_caching
+    try:
+        engine = EngineConfig(**engine_kw)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    trace = _load_trace(args)
+    stage = StageDeployment(model, gpu, tuple(Layout(args.tp, args.pp) for _ in range(args.replicas)), engine, eff,
+                            gpus_per_node=args.gpus_per_node)
+    try:
+        result = simulate(trace, stage, fast_forward=not args.no_fast_forward)
+    except LayoutDoesNotFit as e:
+        raise UsageError(str(e)) from None
+    summary = result.summary()
+    print(_format_summary(model.name, gpu.name, args, summary))
+    if args.json:
+        doc = {"model": model.name, "gpu": gpu.name, "replicas": args.replicas, "tp": args.tp, "pp": args.pp,
+               "trace": trace.name, "calibration": str(calib_path) if calib_path else None, "summary": summary,
+               "requests": {"arrival_s": result.arrival_s.tolist(), "ttft_s": result.ttft_s.tolist(),
+                            "tpot_s": result.tpot_s.tolist(), "e2e_s": result.e2e_s.tolist()}}
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+        print(f"wrote {args.json}")
+    return 0 if result.n_unfinished == 0 else 1
+
+
+def _format_summary(model: str, gpu: str, args: argparse.Namespace, s: dict) -> str:
+    ms = lambda d, k: f"{d[k] * 1e3:10.1f}"  # noqa: E731
+    lines = [
+        f"{model} on {args.replicas} x {gpu} replica(s) tp={args.tp} pp={args.pp}",
+        f"requests {s['requests']} (unfinished {s['unfinished']}), makespan {s['makespan_s']:.1f} s, "
+        f"throughput {s['throughput_rps']:.2f} req/s, {s['output_tokens_per_s']:.0f} output tok/s",
+        f"{'metric (ms)':<12}{'mean':>10}{'p50':>10}{'p90':>10}{'p95':>10}{'p99':>10}",
+    ]
+    for key, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")):
+        d = s[key]
+        lines.append(f"{label:<12}" + "".join(ms(d, k) for k in ("mean", "p50", "p90", "p95", "p99")))
+    lines.append(f"utilisation {s['stage_utilisation'][0]:.1%}, preemptions {s['preemptions']}, "
+                 f"prefix-cache hit tokens {s['prefix_hit_tokens']}")
+    lines.append(f"simulated {s['iterations']} engine iterations, {s['requests']} requests in {s['sim_wall_s']:.2f} s "
+                 f"({s['sim_requests_per_wall_s']:.0f} requests/s)")
+    return "\n".join(lines)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from cascadia.perf.profiler import profile_main
+
+    if args.model != "smollm2-135m-instruct" and not Path(args.model).exists():
+        _model_spec(args.model)  # names an unknown model clearly
+    return profile_main(model=args.model, out=Path(args.out), quick=args.quick)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from cascadia.traces import summarize
+
+    trace = _load_trace(args)
+    s = summarize(trace).as_dict()
+    width = max(len(k) for k in s)
+    for k, v in s.items():
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from cascadia.catalog import MODELS
+    from cascadia.specs.gpu import GPUS
+
+    print(f"{'model':<32}{'params (B)':>12}{'active (B)':>12}{'weights (GB)':>14}{'KV (KB/token)':>15}")
+    for m in MODELS.values():
+        print(f"{m.name:<32}{m.total_params() / 1e9:>12.1f}{m.active_params() / 1e9:>12.1f}"
+              f"{m.weight_bytes() / 1e9:>14.1f}{m.kv_bytes_per_token() / 1e3:>15.1f}")
+    print()
+    print(f"{'gpu':<12}{'TFLOP/s':>10}{'TB/s':>8}{'GB':>6}")
+    for g in GPUS.values():
+        print(f"{g.name:<12}{g.peak_flops / 1e12:>10.1f}{g.memory_bandwidth_Bps / 1e12:>8.2f}{g.memory_bytes / 1e9:>6.0f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cascadia", description="Cascade LLM serving: plan, simulate and serve.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("simulate", help="simulate a deployment of one model serving a trace",
+                       description="Discrete-event simulation of vLLM-style continuous batching: replicas of one "
+                                   "model behind a least-outstanding-work dispatcher serve a trace; prints latency "
+                                   "percentiles and throughput.")
+    p.add_argument("--model", required=True, help="catalog name (see `cascadia catalog`) or a config.json path")
+    p.add_argument("--gpu", default="H100", help="H100, H200, A100-80G, L40S or cpu (default H100)")
+    p.add_argument("--replicas", type=int, default=1, help="number of replicas (default 1)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per replica (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages per replica (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, for cross-node hops (default 8)")
+    p.add_argument("--calibration", help="calibration file from `cascadia profile` (default for --gpu cpu: the "
+                                         "shipped one for the model, if any)")
+    p.add_argument("--max-num-seqs", dest="max_num_seqs", type=int, help="running-sequence cap (default 256)")
+    p.add_argument("--max-num-batched-tokens", dest="max_num_batched_tokens", type=int,
+                   help="token budget per iteration (default 8192)")
+    p.add_argument("--kv-cache-gib", type=float, help="fix the KV cache per GPU instead of deriving it")
+    p.add_argument("--prefix-caching", action="store_true", help="reuse KV of shared prefixes (needs hash_ids)")
+    p.add_argument("--no-fast-forward", action="store_true", help="simulate every iteration one by one (slower; "
+                                                                  "same results)")
+    p.add_argument("--json", metavar="OUT", help="also write the summary and per-request latencies as JSON")
+    _add_trace_args(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("profile", help="measure a real vLLM engine and write a calibration file",
+                       description="Runs a real vLLM engine over a grid of batch shapes (prefill sizes, decode "
+                                   "batch sizes x context lengths, mixed), fits the performance model's efficiency "
+                                   "coefficients and writes a calibration file (plus the raw samples next to it).")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model to profile (default smollm2-135m-instruct)")
+    p.add_argument("--out", required=True, help="calibration file to write (JSON)")
+    p.add_argument("--quick", action="store_true", help="a handful of shapes only (a smoke test, not a calibration)")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("trace", help="summarise a workload trace")
+    _add_trace_args(p)
+    p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("catalog", help="list built-in models and GPUs")
+    p.set_defaults(func=cmd_catalog)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        print(f"cascadia {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
