@@ -123,3 +123,22 @@ def test_requests_that_never_fit_are_reported_unfinished():
     res = simulate(trace_of([0.0, 0.0], [5000, 100], [10, 10]), one_stage(**engine))
     assert res.n_unfinished == 1 and res.n_rejected == 1
     assert np.isnan(res.e2e_s[0]) and np.isfinite(res.e2e_s[1])
+
+
+def test_visits_from_shares_and_from_profile():
+    from cascadia.quality import builtin_profile_path, load_quality, replay
+    from cascadia.sim.routing import visits_from_profile, visits_from_shares
+
+    v = visits_from_shares([1.0, 0.4, 0.1], 1000, seed=1)
+    assert [(v > s).mean() for s in range(3)] == [1.0, 0.4, 0.1]
+    with pytest.raises(ValueError, match="non-increasing"):
+        visits_from_shares([1.0, 0.2, 0.5], 10)
+    prof = load_quality(builtin_profile_path("mtbench"))
+    thr = [8.0]
+    visits = visits_from_profile(prof, thr, 20000, seed=3)
+    expected = replay(prof, np.array(thr)).stage_shares[0, 1]
+    assert (visits == 2).mean() == pytest.approx(expected, abs=0.015)
+    # the cascade simulation sends exactly those requests to stage 2
+    tr = trace_of(np.arange(50) * 2.0, [100] * 50, [10] * 50)
+    res = simulate(tr, [one_stage(), one_stage()], visits=visits[:50])
+    np.testing.assert_array_equal(res.final_stage, visits[:50] - 1)
