@@ -88,6 +88,7 @@ def ensure_smollm2(cache_dir: Path | None = None) -> Path:
             _write_marker(staging, gguf_path)
             if target.exists():  # an interrupted or outdated conversion
                 shutil.rmtree(target)
+            staging.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
             os.replace(staging, target)
         finally:
             if staging.exists():
@@ -152,12 +153,12 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ModelStoreError(f"{gguf_path} carries no chat template; cannot build an instruct model dir")
         loaded = AutoModelForCausalLM.from_pretrained(
-            src_dir, gguf_file=name, local_files_only=True, torch_dtype=torch.float32
+            src_dir, gguf_file=name, local_files_only=True, dtype=torch.float32
         )
         # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config.
         config = loaded.config
-        config.torch_dtype = torch.float32
-        fresh = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        config.dtype = torch.float32
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
         tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
         if set(missing) - tied or unexpected:
@@ -170,3 +171,14 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         fresh.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
         del loaded, fresh
+    _scrub_config(out_dir / "config.json")
+
+
+def _scrub_config(config_path: Path) -> None:
+    """Drop what the GGUF load left behind: the weights are plain float32 now, and a
+    `quantization_config` naming gguf would make vLLM look for a GGUF file."""
+    cfg = json.loads(config_path.read_text())
+    cfg.pop("quantization_config", None)
+    cfg.pop("_model_name_or_path", None)
+    cfg.pop("_name_or_path", None)
+    config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -41,6 +41,17 @@ class Efficiency:
         return asdict(self)
 
 
+def _overlap(t_compute: np.ndarray, t_memory: np.ndarray, p: float) -> np.ndarray:
+    """p-norm of compute and memory time: their sum at p=1, their max as p grows."""
+    if p == 1.0:
+        return t_compute + t_memory
+    hi = np.maximum(t_compute, t_memory)
+    lo = np.minimum(t_compute, t_memory)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(hi > 0, lo / hi, 0.0)
+    return hi * (1.0 + ratio**p) ** (1.0 / p)
+
+
 @dataclass(frozen=True)
 class BatchFeatures:
     """What an iteration's cost depends on (arrays of equal length, one per iteration).
@@ -153,15 +164,7 @@ class IterationModel:
         # kv_bytes_per_token_per_gpu already divides by pp; weights and flops divide by tp*pp
         mem_bytes = self.weight_bytes_read(f.tokens) + (f.kv_read_tokens + f.tokens) * self._kv_bytes_per_token
         t_memory = mem_bytes / (self._bw * e.memory)
-        p = e.overlap_p
-        if p == 1.0:
-            t = t_compute + t_memory
-        else:
-            hi = np.maximum(t_compute, t_memory)
-            lo = np.minimum(t_compute, t_memory)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.where(hi > 0, lo / hi, 0.0)
-            t = hi * (1.0 + ratio**p) ** (1.0 / p)
+        t = _overlap(t_compute, t_memory, e.overlap_p)
         ar_fixed, ar_per_token, _, _ = self._comm
         # per-stage share of the per-iteration costs keeps the whole-pipeline sum right
         return t + ar_fixed + ar_per_token * f.tokens + (e.overhead_s + e.per_seq_s * f.seqs) / pp
@@ -217,13 +220,7 @@ class IterationModel:
         lin = n * self._linear_flops_per_token + n * self._lm_head_flops_per_seq
         t_compute = lin / (self._peak_flops * e.linear) + pairs * (self._attn_flops_per_pair / (self._peak_flops * e.attention))
         t_memory = (weights + pairs * self._kv_bytes_per_token) / (self._bw * e.memory)
-        p = e.overlap_p
-        if p == 1.0:
-            t = t_compute + t_memory
-        else:
-            hi = np.maximum(t_compute, t_memory)
-            lo = np.minimum(t_compute, t_memory)
-            t = hi * (1.0 + (lo / hi) ** p) ** (1.0 / p)
+        t = _overlap(t_compute, t_memory, e.overlap_p)
         ar_fixed, ar_per_token, ho_fixed, ho_per_token = self._comm
         pp = self.layout.pp
         fixed = ar_fixed + ar_per_token * n + (e.overhead_s + e.per_seq_s * n) / pp
