@@ -42,11 +42,25 @@ def test_chunked_prefill_splits_a_long_prompt_over_iterations():
     assert off.ttft_s[0] < res.ttft_s[0]  # one big iteration avoids re-reading weights
 
 
+def test_without_chunked_prefill_a_prefill_stalls_running_decodes():
+    tr = trace_of([0.0, 0.5], [100, 3000], [200, 5])
+    mixed = simulate(tr, one_stage())
+    stalled = simulate(tr, one_stage(enable_chunked_prefill=False))
+    im = IterationModel(LLAMA8, H100, Layout(1))
+    # request 1's prompt runs alone: TTFT is exactly its prefill after the iteration in flight
+    assert stalled.ttft_s[1] < mixed.ttft_s[1] + 1e-9
+    # request 0's decodes wait for that prefill-only iteration: a longer TPOT than when mixed
+    assert stalled.tpot_s[0] > mixed.tpot_s[0]
+    assert stalled.e2e_s[0] - mixed.e2e_s[0] == pytest.approx(im.iteration_time_s([(3000, 0)], []) -
+                                                              (im.iteration_time_s([(3000, 0)], [200]) -
+                                                               im.iteration_time_s([], [200])), rel=0.05)
+
+
 def test_batching_shares_iterations():
     lone = simulate(trace_of([0.0], [200], [100]), one_stage())
     eight = simulate(trace_of([0.0] * 8, [200] * 8, [100] * 8), one_stage())
-    # the first arrival starts alone; the other seven join the next iteration
-    assert eight.iterations == lone.iterations + 1
+    # requests sent together are scheduled together
+    assert eight.iterations == lone.iterations
     assert eight.e2e_s.max() < 1.3 * lone.e2e_s[0]  # memory-bound: batching is nearly free
     assert eight.output_tokens_per_s() > 6 * lone.output_tokens_per_s()
 

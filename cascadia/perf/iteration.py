@@ -127,8 +127,9 @@ class IterationModel:
         if lay.tp > 1:
             bytes_per_token = m.hidden_size * self._act_bytes
             ring = 2.0 * (lay.tp - 1) / lay.tp
-            # two all-reduces per layer (after attention and after the MLP)
-            ar_fixed = 2 * layers_per_stage * g.intra_node_latency_s
+            # two ring all-reduces per layer (after attention and after the MLP), each
+            # 2(tp-1) hops of fixed latency plus its bytes over the link
+            ar_fixed = 2 * layers_per_stage * 2 * (lay.tp - 1) * g.intra_node_latency_s
             ar_per_token = 2 * layers_per_stage * ring * bytes_per_token / g.intra_node_bandwidth_Bps
         else:
             ar_fixed = ar_per_token = 0.0

@@ -2,9 +2,10 @@
 least outstanding work, engines run iterations, finished stage visits either answer or,
 after the judge, go to the next stage of the cascade.
 
-Events sit in a heap ordered by (time, priority, sequence number); arrivals sort before
-run ends at the same instant, so an engine that finishes a run exactly when a request
-arrives sees it, as a real engine's next schedule would.
+Events sit in a heap ordered by (time, priority, sequence number); at one instant,
+arrivals come first, then run ends, then wake-ups of idle engines, so an engine sees
+every request that has arrived by the time it schedules (requests sent together are
+batched together, as a real engine's next schedule would).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from cascadia.specs.gpu import GPUSpec
 from cascadia.specs.model import ModelSpec
 from cascadia.traces import Trace
 
-ARRIVAL, RUN_END = 0, 1
+ARRIVAL, RUN_END, WAKE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,14 @@ def simulate(trace: Trace, stages: Sequence[StageDeployment] | StageDeployment, 
                     engine_version[id(eng)] = eng.version
                     push(heap, (eng.run_end_s, RUN_END, seq, stage, eng))
                     seq += 1
-            elif eng.start(now):
+            elif not eng.wake_pending:
+                eng.wake_pending = True
+                push(heap, (now, WAKE, seq, stage, eng))
+                seq += 1
+        elif kind == WAKE:
+            stage, eng = a, b
+            eng.wake_pending = False
+            if not eng.busy and eng.start(now):
                 engine_version[id(eng)] = eng.version
                 push(heap, (eng.run_end_s, RUN_END, seq, stage, eng))
                 seq += 1

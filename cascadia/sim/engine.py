@@ -84,6 +84,8 @@ class SimEngine:
         self.run_end = 0.0
         self.run_steps = 0
         self.run_chunks: list[tuple[SimSeq, int]] = []
+        self.run_decodes = True  # False for a prefill-only iteration (decodes stalled)
+        self.wake_pending = False
         self.version = 0
         self.busy_s = 0.0
         self.iterations = 0
@@ -179,9 +181,15 @@ class SimEngine:
 
     def start(self, now: float) -> bool:
         """Schedule the next run at `now`; False when there is nothing to do."""
-        cfg, bs = self.cfg, self.bs
+        cfg = self.cfg
         free = self.total_blocks - self.used_blocks
         preempted = False
+        if not cfg.enable_chunked_prefill and self.waiting:
+            # vLLM without chunked prefill: an iteration that can admit prompts runs
+            # only prefills, and every running decode stalls for it
+            chunks = self._admit(cfg.max_num_batched_tokens, free)
+            if chunks:
+                return self._launch(now, chunks, decodes=False)
         # 1. decodes: one token each, allocating a block where a sequence crosses one
         need = self._dec_new_blocks(0)
         while need > free and self.running:
@@ -213,35 +221,48 @@ class SimEngine:
             self.used_blocks += extra
             chunks.append((s, n))
             budget -= n
-        # 3. admissions (vLLM admits nothing in an iteration that preempted)
-        if not preempted:
-            while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
-                s = self.waiting[0]
-                if s.computed == 0 and self.cfg.enable_prefix_caching and s.hash_ids:
-                    self._match_prefix(s)
-                todo = s.prompt + s.generated - s.computed
-                if not cfg.enable_chunked_prefill and todo > budget:
-                    break
-                n = min(todo, budget)
-                blocks = max(0, self._blocks_for(s.computed + n) - s.shared_blocks)
-                if blocks > free:
-                    break
-                self.waiting.popleft()
-                self.waiting_tokens -= s.remaining_tokens()
-                free -= blocks
-                self.used_blocks += blocks
-                self.running.append(s)
-                self.prefilling.append(s)
-                chunks.append((s, n))
-                budget -= n
+        # 3. admissions (vLLM admits nothing in an iteration that preempted; without
+        # chunked prefill they were tried above, in a prefill-only iteration)
+        if not preempted and cfg.enable_chunked_prefill:
+            chunks += self._admit(budget, free)
         self.used_blocks += need
         if not chunks and self.n_dec == 0:
             self.used_blocks -= need
             self.busy = False
             return False
-        # price the run
-        n = self.n_dec
-        ctx = n * self.steps + self.sum_off
+        return self._launch(now, chunks, decodes=True, preempted=preempted, free=free)
+
+    def _admit(self, budget: int, free: int) -> list[tuple[SimSeq, int]]:
+        """Admit waiting requests (FIFO) while budget, running cap and free blocks allow."""
+        cfg = self.cfg
+        chunks: list[tuple[SimSeq, int]] = []
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            s = self.waiting[0]
+            if s.computed == 0 and cfg.enable_prefix_caching and s.hash_ids:
+                self._match_prefix(s)
+            todo = s.prompt + s.generated - s.computed
+            if not cfg.enable_chunked_prefill and todo > budget:
+                break
+            n = min(todo, budget)
+            blocks = max(0, self._blocks_for(s.computed + n) - s.shared_blocks)
+            if blocks > free:
+                break
+            self.waiting.popleft()
+            self.waiting_tokens -= s.remaining_tokens()
+            free -= blocks
+            self.used_blocks += blocks
+            self.running.append(s)
+            self.prefilling.append(s)
+            chunks.append((s, n))
+            budget -= n
+        return chunks
+
+    def _launch(self, now: float, chunks: list[tuple[SimSeq, int]], *, decodes: bool, preempted: bool = False,
+                free: int = 0) -> bool:
+        """Price the run (one iteration with prefill chunks, or a run of decode-only
+        iterations) and mark the engine busy until it ends."""
+        n = self.n_dec if decodes else 0
+        ctx = n * self.steps + self.sum_off if decodes else 0
         if chunks:
             steps = 1
             tokens, pairs, kv_read = float(n), float(ctx + n), float(ctx)
@@ -259,6 +280,7 @@ class SimEngine:
                 times = None
                 t_one = self.im.time_one(float(n), float(n), float(ctx + n), float(ctx))
         self.run_chunks = chunks
+        self.run_decodes = decodes
         self.run_steps = steps
         self.run_start_s = now
         if times is None:
@@ -328,7 +350,8 @@ class SimEngine:
         done: list[SimSeq] = []
         if steps > 1:
             self.used_blocks += self._dec_blocks_over(1, steps)
-        self.steps += steps
+        if self.run_decodes:
+            self.steps += steps
         for s, c in self.run_chunks:
             s.computed += c
             if s.computed == s.prompt + s.generated:

@@ -20,8 +20,10 @@ class GPUSpec:
     memory_bytes: float
     intra_node_bandwidth_Bps: float  # device-to-device inside a node (NVLink / PCIe)
     inter_node_bandwidth_Bps: float  # per device across nodes (NIC)
-    intra_node_latency_s: float = 8e-6  # one collective's fixed cost inside a node
-    inter_node_latency_s: float = 20e-6
+    # Fixed cost of one message hop (alpha of the alpha-beta model): a ring all-reduce over
+    # tp GPUs takes 2(tp-1) hops, a pipeline hand-off one.
+    intra_node_latency_s: float = 3e-6
+    inter_node_latency_s: float = 10e-6
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,7 +76,7 @@ L40S = GPUSpec(
     memory_bytes=48 * GB,
     intra_node_bandwidth_Bps=32 * GB,  # no NVLink: PCIe Gen4 x16, 64 GB/s bidirectional
     inter_node_bandwidth_Bps=25 * GB,
-    intra_node_latency_s=15e-6,
+    intra_node_latency_s=8e-6,
     source="NVIDIA L40S datasheet: 362.05 TFLOPS BF16 dense (733 with sparsity), 864 GB/s GDDR6, "
     "48 GB, PCIe Gen4 x16",
 )
