@@ -88,7 +88,7 @@ def _default_calibration(model: str) -> Path | None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from cascadia.perf.calibration import Calibration, CalibrationError
+    from cascadia.perf.calibration import Calibration, CalibrationError, spec_for_dtype
     from cascadia.perf.layout import Layout
     from cascadia.perf.memory import LayoutDoesNotFit
     from cascadia.sim.cluster import StageDeployment, simulate
@@ -111,10 +111,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         except CalibrationError as e:
             raise UsageError(str(e)) from None
         gpu, eff = calib.device, calib.efficiency
-        from cascadia.perf.calibration import spec_for_dtype
         model = spec_for_dtype(model, calib.dtype)
-        engine_kw = {k: v for k, v in calib.engine_config.items()
-                     if k in ("max_num_batched_tokens", "max_num_seqs", "block_size_tokens", "kv_cache_bytes")}
+        engine_kw = EngineConfig.from_engine_report(calib.engine_config, model.kv_bytes_per_token()).to_dict()
     elif gpu.name == "cpu":
         raise UsageError("--gpu cpu has no figures of its own: pass --calibration FILE from `cascadia profile`")
     for key in ("max_num_batched_tokens", "max_num_seqs"):

@@ -28,6 +28,21 @@ class EngineConfig:
         return asdict(self)
 
     @classmethod
+    def from_engine_report(cls, report: Mapping[str, Any], kv_bytes_per_token: float) -> "EngineConfig":
+        """The settings a real engine reported it runs with (`vllm_adapter.EffectiveSettings`
+        as a dict, kept in calibration files), so the simulator reproduces that engine."""
+        kw: dict[str, Any] = {}
+        for ours, theirs in (("max_num_batched_tokens", "max_num_batched_tokens"), ("max_num_seqs", "max_num_seqs"),
+                             ("block_size_tokens", "block_size"), ("enable_prefix_caching", "enable_prefix_caching"),
+                             ("enable_chunked_prefill", "enable_chunked_prefill")):
+            if report.get(theirs) is not None:
+                kw[ours] = report[theirs]
+        if report.get("kv_capacity_tokens"):
+            kw["kv_cache_bytes"] = float(report["kv_capacity_tokens"]) * kv_bytes_per_token
+            kw["min_kv_tokens"] = min(cls.min_kv_tokens, int(report["kv_capacity_tokens"]))
+        return cls(**kw)
+
+    @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "EngineConfig":
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
