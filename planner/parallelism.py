@@ -1,0 +1,339 @@
+"""Parallelism search: the best replica layout of one model on f GPUs of one type, for the
+workload its cascade stage sees, as the table l_i(f) -> (p95 latency, layouts) that the
+deployment MILP chooses from.
+
+Enumeration (bounded on purpose, so a 32-GPU table takes seconds):
+- replica shapes: tp divides the attention heads and fits in a node (tp <= gpus_per_node),
+  pp = 1. Only when no such shape holds the model does a replica span nodes: then it is
+  the widest in-node tp with the fewest pipeline stages that fit (tp * pp > gpus_per_node);
+- a layout is at most two distinct shapes: replicas of a main shape A plus a remainder of a
+  smaller shape B that fills fewer GPUs than one more A would;
+- memory-infeasible shapes (plan_memory raises LayoutDoesNotFit) never enter;
+- layouts are enumerated by the GPUs they use exactly; the table at f is the best layout
+  using <= f GPUs (spare GPUs may stay idle), so a layout is never simulated twice and the
+  table is non-increasing in f.
+
+Pruning before simulating (each rule saves simulations, none changes a table entry by more
+than `min_gain`): a layout whose estimated capacity is clearly below the offered rate is
+overloaded without simulating; a layout whose unloaded p95 floor (its fastest shape serving
+every request alone) cannot beat the best layout on fewer GPUs by more than `min_gain` is
+skipped, and the search stops once the best is within `min_gain` of the floor of every shape.
+
+Overload rule: a layout is *overloaded* when the offered rate exceeds 1.25x its estimated
+capacity, when the simulation leaves requests unfinished, or when the last request
+finishes more than a quarter of the window plus the worst latency of the first half of
+the requests after the last arrival (a backlog that grows with the window). Overloaded
+options carry `overloaded=True` and a large but finite latency, OVERLOADED_LATENCY_S times
+the load ratio (at least 1), so the MILP only picks one when nothing else fits and then the
+least overloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from cascadia.perf.iteration import Efficiency
+from cascadia.perf.layout import Layout
+from cascadia.perf.memory import LayoutDoesNotFit, plan_memory
+from cascadia.sim.cluster import StageDeployment, simulate
+from cascadia.sim.config import EngineConfig
+from cascadia.specs.gpu import GPUSpec
+from cascadia.specs.model import ModelSpec
+from cascadia.traces import Trace
+
+TABLE_CODE_VERSION = "parallelism-1"  # bump when the search or the simulator changes results
+OVERLOADED_LATENCY_S = 1000.0
+OVERLOAD_CAPACITY_FACTOR = 1.25
+DEFAULT_MAX_REQUESTS = 256
+
+
+@dataclass(frozen=True)
+class LayoutOption:
+    model: str
+    gpu: str
+    n_gpus: int  # f: GPUs the stage is given; the layouts may leave some idle
+    layouts: tuple[Layout, ...]
+    p95_latency_s: float
+    mean_latency_s: float
+    max_rate_rps: float
+    overloaded: bool = False
+
+    @property
+    def used_gpus(self) -> int:
+        return sum(lay.n_gpus for lay in self.layouts)
+
+
+@dataclass
+class TableStats:
+    """Counters a caller passes in to learn what `latency_table` did (it only adds)."""
+
+    simulations: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    pruned: int = 0
+
+
+def stage_trace(trace: Trace, share: float, seed: int) -> Trace:
+    """The requests a stage sees: round(share * n) of them, chosen at random (seeded)."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"stage share must be in [0, 1], got {share}")
+    n = len(trace)
+    k = int(round(share * n))
+    if k >= n:
+        return trace
+    idx = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+    return trace.select(idx)
+
+
+def _fits(model: ModelSpec, gpu: GPUSpec, layout: Layout, engine: EngineConfig) -> bool:
+    try:
+        plan_memory(model, gpu, layout, gpu_memory_utilization=engine.gpu_memory_utilization,
+                    max_num_batched_tokens=engine.max_num_batched_tokens, max_num_seqs=engine.max_num_seqs,
+                    block_size_tokens=engine.block_size_tokens, kv_cache_bytes=engine.kv_cache_bytes,
+                    min_kv_tokens=engine.min_kv_tokens)
+    except LayoutDoesNotFit:
+        return False
+    return True
+
+
+def replica_shapes(model: ModelSpec, gpu: GPUSpec, gpus_per_node: int, engine: EngineConfig,
+                   max_gpus: int) -> list[Layout]:
+    """Memory-feasible replica shapes, largest first (see the module docstring)."""
+    tps = [t for t in range(1, min(gpus_per_node, model.n_heads) + 1) if model.n_heads % t == 0]
+    in_node = [Layout(t, 1) for t in tps if t <= max_gpus and _fits(model, gpu, Layout(t, 1), engine)]
+    if in_node:
+        return sorted(in_node, key=lambda lay: -lay.n_gpus)
+    tp = max(tps)
+    for pp in range(2, min(model.n_layers, max_gpus // tp) + 1):
+        lay = Layout(tp, pp)
+        if lay.n_gpus > gpus_per_node and _fits(model, gpu, lay, engine):
+            return [lay]
+    return []
+
+
+def _layouts_using(shapes: Sequence[Layout], n_gpus: int) -> list[tuple[Layout, ...]]:
+    out = []
+    for a_shape in shapes:
+        a_size = a_shape.n_gpus
+        if n_gpus % a_size == 0:
+            out.append((a_shape,) * (n_gpus // a_size))
+        for b_shape in shapes:
+            b_size = b_shape.n_gpus
+            if b_size >= a_size:
+                continue
+            for b in range(1, (a_size - 1) // b_size + 1):
+                rest = n_gpus - b * b_size
+                if rest >= a_size and rest % a_size == 0:
+                    out.append((a_shape,) * (rest // a_size) + (b_shape,) * b)
+    return out
+
+
+def candidate_layouts(model: ModelSpec, gpu: GPUSpec, n_gpus: int, gpus_per_node: int,
+                      engine: EngineConfig = EngineConfig()) -> list[tuple[Layout, ...]]:
+    """Layouts (one Layout per replica) that use exactly `n_gpus` GPUs; fewer-GPU layouts
+    are the candidates of smaller counts (the table takes the best over <= f)."""
+    return _layouts_using(replica_shapes(model, gpu, gpus_per_node, engine, n_gpus), n_gpus)
+
+
+# ---- simulation (runs in worker processes; the context is set once per worker) ----
+_CTX: dict = {}
+
+
+def _init_worker(ctx: dict) -> None:
+    _CTX.clear()
+    _CTX.update(ctx)
+
+
+def _deployment(layouts: tuple[Layout, ...]) -> StageDeployment:
+    c = _CTX
+    return StageDeployment(c["model"], c["gpu"], layouts, c["engine"], c["efficiency"], c["gpus_per_node"])
+
+
+def _simulate_layout(layouts: tuple[Layout, ...]) -> tuple[float, float, bool]:
+    """(p95 s, mean s, overloaded by the simulation rule) on the stage trace."""
+    trace: Trace = _CTX["trace"]
+    res = simulate(trace, _deployment(layouts))
+    e2e = res.e2e_s
+    if res.n_unfinished:
+        return float("nan"), float("nan"), True
+    half = e2e[: max(1, len(e2e) // 2)]
+    drain_s = res.makespan_s - trace.duration_s
+    overloaded = drain_s > 0.25 * trace.duration_s + float(np.max(half))
+    return float(np.percentile(e2e, 95)), float(np.mean(e2e)), bool(overloaded)
+
+
+def _shape_profile(shape: Layout) -> tuple[float, float]:
+    """(unloaded p95 floor s, capacity rps) of one replica of `shape`. The floor serves
+    every request alone; the capacity is the completion rate in the middle of a flood of
+    at least three full batches (the head and tail of a flood are not steady)."""
+    trace: Trace = _CTX["trace"]
+    n = len(trace)
+    alone = Trace("alone", np.arange(n) * 1e6, trace.input_tokens, trace.output_tokens)
+    floor = simulate(alone, _deployment((shape,))).e2e_s
+    reps = max(1, math.ceil(3 * _CTX["engine"].max_num_seqs / n))
+    flood = Trace("flood", np.zeros(n * reps), np.tile(trace.input_tokens, reps), np.tile(trace.output_tokens, reps))
+    res = simulate(flood, _deployment((shape,)))
+    done = np.sort(res.e2e_s[np.isfinite(res.e2e_s)])
+    lo, hi = int(0.2 * len(done)), int(0.8 * len(done))
+    capacity = (hi - lo) / (done[hi] - done[lo]) if hi > lo and done[hi] > done[lo] else float("nan")
+    return float(np.nanpercentile(floor, 95)) if np.isfinite(floor).any() else float("inf"), float(capacity)
+
+
+def _run(tasks: list, fn: Callable, pool) -> list:
+    if pool is None:
+        return [fn(t) for t in tasks]
+    return pool.map(fn, tasks, chunksize=1)
+
+
+# ---- cache ----
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    base = os.environ.get("CASCADIA_CACHE")
+    return Path(base) / "tables" if base else Path.home() / ".cache" / "cascadia" / "tables"
+
+
+def table_key(model: ModelSpec, gpu: GPUSpec, trace: Trace, *, max_gpus: int, gpus_per_node: int,
+              engine: EngineConfig, efficiency: Efficiency | None, min_gain: float) -> str:
+    """Hash of everything a table depends on."""
+    h = hashlib.sha256()
+    doc = {"code": TABLE_CODE_VERSION, "model": model.to_dict(), "gpu": gpu.to_dict(), "engine": engine.to_dict(),
+           "efficiency": efficiency.to_dict() if efficiency else None, "max_gpus": max_gpus,
+           "gpus_per_node": gpus_per_node, "min_gain": min_gain, "hash_block_tokens": trace.hash_block_tokens}
+    h.update(json.dumps(doc, sort_keys=True, default=str).encode())
+    for arr in (trace.arrival_s, trace.input_tokens, trace.output_tokens):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    if trace.hash_ids is not None:
+        h.update(repr(trace.hash_ids).encode())
+    return h.hexdigest()[:32]
+
+
+def _option_to_json(o: LayoutOption) -> dict:
+    return {"n_gpus": o.n_gpus, "layouts": [[lay.tp, lay.pp] for lay in o.layouts], "p95": o.p95_latency_s,
+            "mean": o.mean_latency_s, "max_rate": o.max_rate_rps, "overloaded": o.overloaded}
+
+
+def _load_cached(path: Path, model: str, gpu: str) -> dict[int, LayoutOption] | None:
+    try:
+        doc = json.loads(path.read_text())
+        return {int(e["n_gpus"]): LayoutOption(model, gpu, int(e["n_gpus"]),
+                                               tuple(Layout(tp, pp) for tp, pp in e["layouts"]), float(e["p95"]),
+                                               float(e["mean"]), float(e["max_rate"]), bool(e["overloaded"]))
+                for e in doc["options"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent or unreadable: rebuild
+
+
+def _store(path: Path, table: dict[int, LayoutOption]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"code": TABLE_CODE_VERSION, "options": [_option_to_json(o) for o in table.values()]}))
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+
+
+# ---- the table ----
+def latency_table(model: ModelSpec, gpu: GPUSpec, trace_for_stage: Trace, *, max_gpus: int, gpus_per_node: int,
+                  engine: EngineConfig = EngineConfig(), efficiency: Efficiency | None = None,
+                  cache_dir: str | os.PathLike | None = None, processes: int | None = None,
+                  progress: Callable[[int, int], None] | None = None, max_requests: int = DEFAULT_MAX_REQUESTS,
+                  min_gain: float = 0.02, use_cache: bool = True,
+                  stats: TableStats | None = None) -> dict[int, LayoutOption]:
+    """f -> the best option on at most f GPUs, for f = 1..max_gpus; f that cannot hold the
+    model are absent. The stage trace is cut to its first `max_requests` requests.
+    `progress(f_done, max_gpus)` is called as GPU counts complete."""
+    stats = stats if stats is not None else TableStats()
+    trace = trace_for_stage.select(slice(0, max_requests)) if len(trace_for_stage) > max_requests else trace_for_stage
+    key = table_key(model, gpu, trace, max_gpus=max_gpus, gpus_per_node=gpus_per_node, engine=engine,
+                    efficiency=efficiency, min_gain=min_gain)
+    path = _cache_root(cache_dir) / f"{model.name}--{gpu.name}--{key}.json"
+    if use_cache:
+        cached = _load_cached(path, model.name, gpu.name)
+        if cached is not None:
+            stats.cache_hits += 1
+            return cached
+        stats.cache_misses += 1
+    shapes = replica_shapes(model, gpu, gpus_per_node, engine, max_gpus)
+    ctx = {"model": model, "gpu": gpu, "engine": engine, "efficiency": efficiency, "gpus_per_node": gpus_per_node,
+           "trace": trace}
+    processes = 2 if processes is None else processes
+    pool = None
+    if shapes and len(trace) and processes > 1:
+        mp = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        pool = mp.Pool(processes, initializer=_init_worker, initargs=(ctx,))
+    else:
+        _init_worker(ctx)
+    try:
+        table = _search(model, gpu, shapes, trace, max_gpus, min_gain, pool, stats, progress)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    if use_cache:
+        _store(path, table)
+    return table
+
+
+def _search(model, gpu, shapes, trace, max_gpus, min_gain, pool, stats, progress) -> dict[int, LayoutOption]:
+    table: dict[int, LayoutOption] = {}
+    if not shapes:
+        return table
+    if len(trace) == 0:  # a stage nobody visits: any layout serves it instantly
+        smallest = min(shapes, key=lambda s: s.n_gpus)
+        return {f: LayoutOption(model.name, gpu.name, f, (smallest,), 0.0, 0.0, float("nan"))
+                for f in range(smallest.n_gpus, max_gpus + 1)}
+    profiles = dict(zip(shapes, _run(shapes, _shape_profile, pool)))
+    stats.simulations += 2 * len(shapes)
+    offered = trace.mean_rate_rps if len(trace) > 1 else 0.0
+    floor_all = min(p[0] for p in profiles.values())
+    best: LayoutOption | None = None
+    for f in range(1, max_gpus + 1):
+        if best is not None and not best.overloaded and best.p95_latency_s <= floor_all * (1 + min_gain):
+            stats.pruned += len(_layouts_using(shapes, f))
+        else:
+            best = _best_at(model, gpu, shapes, profiles, offered, f, best, min_gain, pool, stats) or best
+        if best is not None:
+            table[f] = LayoutOption(model.name, gpu.name, f, best.layouts, best.p95_latency_s, best.mean_latency_s,
+                                    best.max_rate_rps, best.overloaded)
+        if progress is not None:
+            progress(f, max_gpus)
+    return table
+
+
+def _best_at(model, gpu, shapes, profiles, offered, f, best, min_gain, pool, stats) -> LayoutOption | None:
+    """The best option using exactly f GPUs if it beats `best` (on fewer GPUs), else None."""
+    to_sim, options = [], []
+    for layouts in _layouts_using(shapes, f):
+        capacity = sum(profiles[s][1] for s in layouts)
+        floor = min(profiles[s][0] for s in layouts)
+        if best is not None and not best.overloaded and floor * (1 + min_gain) >= best.p95_latency_s:
+            stats.pruned += 1
+            continue
+        load = offered / capacity if capacity > 0 else float("inf")
+        if np.isfinite(load) and load > OVERLOAD_CAPACITY_FACTOR:
+            stats.pruned += 1
+            penalty = OVERLOADED_LATENCY_S * load
+            options.append(LayoutOption(model.name, gpu.name, f, layouts, penalty, penalty, capacity, True))
+            continue
+        to_sim.append((layouts, capacity, load))
+    results = _run([t[0] for t in to_sim], _simulate_layout, pool)
+    stats.simulations += len(to_sim)
+    for (layouts, capacity, load), (p95, mean, overloaded) in zip(to_sim, results):
+        if overloaded:
+            p95 = mean = OVERLOADED_LATENCY_S * max(1.0, load if np.isfinite(load) else 1.0) + (
+                p95 if np.isfinite(p95) else OVERLOADED_LATENCY_S)
+        options.append(LayoutOption(model.name, gpu.name, f, layouts, p95, mean, capacity, overloaded))
+    if not options:
+        return None
+    top = min(options, key=lambda o: (o.p95_latency_s, o.mean_latency_s, len(o.layouts)))
+    if best is None or top.p95_latency_s < best.p95_latency_s:
+        return top
+    return None
