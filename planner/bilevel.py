@@ -1,0 +1,296 @@
+"""The bi-level planner: routing thresholds outside, GPU allocation and layouts inside.
+
+``plan`` runs the routing search (planner/routing.py) whose latency for a share vector is
+the deployment MILP (planner/milp.py) over per-stage latency tables
+(planner/parallelism.py). Tables depend on the traffic a stage sees, so they are built per
+(stage, share rounded up to the search's quantum) and kept for the whole run. The best
+candidates by J are re-scored by simulating the whole cascade; the chosen one is placed on
+nodes, simulated once more as placed (that simulation's end-to-end p95 is the plan's
+prediction) and re-checked by ``verify_plan``.
+
+Everything here is a pure function of its inputs; files and printing belong to the CLI.
+The lower-level functions come in a ``Backends`` bundle so tests can swap in fakes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from cascadia.perf.layout import Layout
+from cascadia.perf.memory import LayoutDoesNotFit, plan_memory
+from cascadia.plan import FrontPoint, JudgeInfo, Plan, PlanStage, Prediction, QualityInfo, simulate_plan, trace_hash
+from cascadia.quality import QualityProfile, replay
+from cascadia.sim.config import EngineConfig
+from cascadia.specs.cluster import ClusterSpec
+from cascadia.specs.model import ModelSpec
+from cascadia.traces import Trace, summarize
+from planner.quality_input import QualitySource
+from planner.routing import RoutingPoint, RoutingSearchResult, search_routing, threshold_grid
+
+OBJECTIVES = ("max-stage", "end-to-end")
+
+
+@dataclass(frozen=True)
+class Infeasible:
+    """No plan: ``reason`` is one line a user can act on."""
+
+    reason: str
+    status: str = "infeasible"
+
+
+@dataclass(frozen=True)
+class PlannerOptions:
+    objective: str = "max-stage"
+    solver: str = "cbc"
+    time_limit_s: float = 60.0
+    share_quantum: float = 0.05  # tables and MILPs are per share rounded up to this
+    max_points_per_stage: int = 64
+    coarse_points: int = 9
+    stable_rounds: int = 3
+    rescore_top: int = 3  # candidates re-scored by a full-cascade simulation
+    seed: int = 0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    cache_dir: str | None = None
+    processes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+
+
+@dataclass(frozen=True)
+class Backends:
+    """The deployment-level functions, by the names of docs/planner-contract.md."""
+
+    stage_trace: Callable[..., Trace]
+    latency_table: Callable[..., dict]
+    problem: Callable[..., Any]  # milp.DeploymentProblem
+    solve: Callable[..., Any]
+    place: Callable[..., Any]
+    verify_plan: Callable[[Plan, ClusterSpec], list[str]]
+
+
+def default_backends() -> Backends:
+    from planner import milp, parallelism, placement, verify
+
+    return Backends(parallelism.stage_trace, parallelism.latency_table, milp.DeploymentProblem, milp.solve,
+                    placement.place, verify.verify_plan)
+
+
+Progress = Callable[[str, int], None]
+
+
+def _fits_somewhere(model: ModelSpec, cluster: ClusterSpec, engine: EngineConfig) -> bool:
+    """Cheap pre-check: some (tp, pp) on one pool holds the model's weights and KV minimum."""
+    for pool in cluster.pools:
+        for tp in (t for t in range(1, pool.gpus_per_node + 1) if pool.gpus_per_node % t == 0):
+            for pp in range(1, pool.n_nodes * pool.gpus_per_node // tp + 1):
+                try:
+                    plan_memory(model, pool.gpu, Layout(tp, pp), gpu_memory_utilization=engine.gpu_memory_utilization,
+                                max_num_batched_tokens=engine.max_num_batched_tokens,
+                                max_num_seqs=engine.max_num_seqs, block_size_tokens=engine.block_size_tokens,
+                                kv_cache_bytes=engine.kv_cache_bytes, min_kv_tokens=engine.min_kv_tokens)
+                    return True
+                except LayoutDoesNotFit:
+                    continue
+    return False
+
+
+def best_reachable_quality(profile: QualityProfile, max_points_per_stage: int) -> float:
+    """The highest mean quality any threshold vector on the search grid reaches."""
+    grids = threshold_grid(profile, max_points_per_stage)
+    if not grids:
+        return float(profile.quality_scores[:, 0].mean())
+    mesh = np.stack(np.meshgrid(*grids, indexing="ij"), axis=-1).reshape(-1, len(grids))
+    return float(replay(profile, mesh).mean_quality.max())
+
+
+def check_inputs(models: Sequence[ModelSpec], cluster: ClusterSpec, trace: Trace, profile: QualityProfile,
+                 q_min: float, options: PlannerOptions) -> Infeasible | None:
+    """The bad inputs a user should hear about before any simulation runs."""
+    if cluster.n_gpus <= 0:
+        return Infeasible("the cluster has no GPUs")
+    if len(trace) == 0:
+        return Infeasible("the trace is empty")
+    if tuple(profile.models) != tuple(m.name for m in models):
+        return Infeasible(f"the quality profile's stages {list(profile.models)} are not the cascade "
+                          f"{[m.name for m in models]}")
+    for m in models:
+        if not _fits_somewhere(m, cluster, options.engine):
+            return Infeasible(f"model {m.name} cannot fit the pool {cluster.describe()} (weights "
+                              f"{m.weight_bytes() / 1e9:.0f} GB) with any tensor/pipeline layout")
+    best = best_reachable_quality(profile, options.max_points_per_stage)
+    if q_min > best + 1e-9:
+        singles = ", ".join(f"{m} {q:.1f}" for m, q in zip(profile.models, profile.quality_scores.mean(axis=0)))
+        return Infeasible(f"q_min {q_min:g} is above the best quality any routing reaches ({best:.1f}; "
+                          f"single models: {singles})")
+    return None
+
+
+class _DeploymentLevel:
+    """latency_of_shares for the routing search: tables per (stage, share), then the MILP."""
+
+    def __init__(self, models, cluster, trace, options: PlannerOptions, backends: Backends,
+                 progress: Progress | None):
+        self.models, self.cluster, self.trace = models, cluster, trace
+        self.options, self.backends, self.progress = options, backends, progress
+        self.tables: dict[tuple[int, float], tuple[Any, ...]] = {}
+        self.solves = 0
+
+    def stage_options(self, stage: int, share: float) -> tuple[Any, ...]:
+        key = (stage, share)
+        if key not in self.tables:
+            opts: list[Any] = []
+            if share > 0:
+                sub = self.backends.stage_trace(self.trace, share, self.options.seed + stage)
+                seen: set[str] = set()
+                for pool in self.cluster.pools:
+                    if pool.gpu.name in seen:
+                        continue
+                    seen.add(pool.gpu.name)
+                    table = self.backends.latency_table(
+                        self.models[stage], pool.gpu, sub, max_gpus=self.cluster.gpu_counts()[pool.gpu.name],
+                        gpus_per_node=pool.gpus_per_node, engine=self.options.engine,
+                        cache_dir=self.options.cache_dir, processes=self.options.processes)
+                    opts.extend(table[f] for f in sorted(table))
+            self.tables[key] = tuple(opts)
+            if self.progress:
+                self.progress("table", 1)
+        return self.tables[key]
+
+    def __call__(self, shares: tuple[float, ...]) -> tuple[float, Any]:
+        per_stage = tuple(self.stage_options(i, s) for i, s in enumerate(shares))
+        if any(s > 0 and not o for s, o in zip(shares, per_stage)):
+            return math.inf, Infeasible("a stage with traffic has no layout that fits")
+        problem = self.backends.problem(options=per_stage, gpu_counts=self.cluster.gpu_counts(),
+                                        stage_shares=tuple(shares), objective=self.options.objective)
+        self.solves += 1
+        solution = self.backends.solve(problem, solver=self.options.solver, time_limit_s=self.options.time_limit_s)
+        if self.progress:
+            self.progress("milp", 1)
+        if not hasattr(solution, "choices"):
+            return math.inf, solution
+        return float(solution.objective_s), solution
+
+
+def _stages(models, point: RoutingPoint, choices, layouts_by_stage) -> tuple[PlanStage, ...]:
+    out = []
+    for i, (m, choice) in enumerate(zip(models, choices)):
+        last = i == len(models) - 1
+        out.append(PlanStage(
+            model=m.name, gpu=choice.gpu if choice is not None else "-",
+            replicas=tuple(layouts_by_stage[i]), threshold=None if last else point.thresholds[i],
+            share=point.stage_shares[i], planned_share=point.planned_shares[i],
+            predicted_p95_s=float(choice.p95_latency_s) if choice is not None else None))
+    return tuple(out)
+
+
+def _max_rate(trace: Trace, point: RoutingPoint, choices) -> float | None:
+    """The arrival rate at which the first stage to saturate does: each option's capacity
+    estimate divided by the fraction of arrivals that reach its stage."""
+    rates = [c.max_rate_rps / s for c, s in zip(choices, point.stage_shares)
+             if c is not None and s > 0 and math.isfinite(c.max_rate_rps)]
+    return float(min(rates)) if rates else None
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _draft(models, cluster, trace, q_min, point, solution, layouts_by_stage, search: RoutingSearchResult,
+           quality_source: QualitySource, judge: JudgeInfo, options: PlannerOptions) -> Plan:
+    choices = solution.choices
+    stage_p95 = [c.p95_latency_s for c in choices if c is not None]
+    return Plan(
+        models=tuple(models), cluster=cluster, engine=options.engine,
+        stages=_stages(models, point, choices, layouts_by_stage), judge=judge,
+        quality=QualityInfo(
+            predicted=point.quality, target=q_min, all_to_last=search.z1, all_stop_first=search.z2,
+            kind=quality_source.kind, source=quality_source.source, stage_to_profile=quality_source.stage_to_profile,
+            scale=quality_source.scale, notes=quality_source.notes),
+        prediction=Prediction(
+            e2e_p95_s=math.nan, max_stage_p95_s=float(max(stage_p95)) if stage_p95 else math.nan,
+            max_sustainable_rate_rps=_max_rate(trace, point, choices), objective=options.objective,
+            solver=str(getattr(solution, "solver", options.solver)), solver_status=str(solution.status),
+            solver_objective_s=float(solution.objective_s), solver_bound_s=float(solution.bound_s),
+            solver_gap=float(solution.gap), simulation_seed=options.seed),
+        workload=summarize(trace),
+        input_hashes=(("cascade", _hash([m.to_dict() for m in models])),
+                      ("cluster", _hash(cluster.describe())), ("options", _hash(repr(options))),
+                      ("quality", quality_source.content_hash), ("trace", trace_hash(trace))),
+        front=tuple(FrontPoint(p.thresholds, p.quality, p.latency_s) for p in search.front),
+    )
+
+
+def e2e_p95(plan: Plan, trace: Trace, seed: int) -> float:
+    result = simulate_plan(plan, trace, seed)
+    if result.n_unfinished:
+        return math.inf
+    return float(np.percentile(result.e2e_s, 95))
+
+
+def plan(cascade_models: Sequence[ModelSpec], cluster: ClusterSpec, trace: Trace, profile: QualityProfile,
+         q_min: float, *, quality_source: QualitySource, judge: JudgeInfo | None = None,
+         options: PlannerOptions = PlannerOptions(), backends: Backends | None = None,
+         progress: Progress | None = None) -> Plan | Infeasible:
+    """The plan that meets ``q_min`` at the lowest latency on ``cluster`` for ``trace``.
+
+    ``profile`` must already be stage-named and on 0-100 (planner/quality_input.py).
+    ``progress(event, n)``: events "table", "milp", "eval", "simulate".
+    """
+    wall0 = time.perf_counter()
+    models = list(cascade_models)
+    bad = check_inputs(models, cluster, trace, profile, q_min, options)
+    if bad is not None:
+        return bad
+    backends = backends or default_backends()
+    judge = judge or JudgeInfo(name=f"profile judge ({quality_source.kind})", score_low=0.0, score_high=100.0)
+    level = _DeploymentLevel(models, cluster, trace, options, backends, progress)
+    search = search_routing(
+        profile, level, q_min, share_quantum=options.share_quantum, max_points_per_stage=options.max_points_per_stage,
+        coarse_points=options.coarse_points, stable_rounds=options.stable_rounds,
+        progress=(lambda n: progress("eval", n)) if progress else None)
+    if search.best is None:
+        return Infeasible(f"no deployment of {[m.name for m in models]} fits {cluster.describe()} for any routing")
+    if not search.meets_target:
+        return Infeasible(f"no routing reaches q_min {q_min:g} with a feasible deployment "
+                          f"(best {search.best.quality:.1f})")
+    candidates = [p for p in search.ranked() if p.quality >= q_min - 1e-9][: max(1, options.rescore_top)]
+    scored: list[tuple[float, float, Plan]] = []
+    simulations = 0
+    for point in candidates:
+        solution = point.solution
+        stage_gpus = [c.gpu if c is not None else None for c in solution.choices]
+        placed = backends.place(cluster, [c.layouts if c is not None else () for c in solution.choices], stage_gpus)
+        if not isinstance(placed, (tuple, list)):
+            continue  # Infeasible placement: try the next candidate
+        draft = _draft(models, cluster, trace, q_min, point, solution, placed, search, quality_source, judge, options)
+        p95 = e2e_p95(draft, trace, options.seed)
+        simulations += 1
+        if progress:
+            progress("simulate", 1)
+        draft = replace(draft, prediction=replace(draft.prediction, e2e_p95_s=p95))
+        rank = p95 if options.objective == "end-to-end" else float(solution.objective_s)
+        scored.append((rank, p95, draft))
+        if options.objective == "max-stage":
+            break  # the MILP's order is the objective; the simulation only predicts
+    if not scored:
+        return Infeasible("the best deployments could not be placed on the cluster's nodes")
+    best = min(scored, key=lambda t: (t[0], t[1]))[2]
+    best = replace(best, search=(
+        ("threshold_grid_points", float(np.prod(search.grid_size)) if search.grid_size else 1.0),
+        ("routing_evaluations", float(len(search.evaluated))), ("search_rounds", float(search.rounds)),
+        ("milp_solves", float(level.solves)), ("milp_memo_hits", float(search.memo_hits)),
+        ("latency_tables", float(len(level.tables))), ("cascade_simulations", float(simulations)),
+        ("planner_wall_s", time.perf_counter() - wall0)))
+    problems = backends.verify_plan(best, cluster)
+    if problems:
+        return Infeasible("the chosen plan failed verification: " + "; ".join(problems))
+    return best
