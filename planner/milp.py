@@ -1,0 +1,309 @@
+"""Deployment MILP: which option (GPU type, GPU count, layouts) each cascade stage takes.
+
+The paper's formulation, on a heterogeneous pool: x[i,o] = 1 when stage i takes option o of
+its latency table;
+- one option per stage (at most one when the stage's share is 0: it may get no GPUs),
+- per GPU type, the GPUs of the chosen options fit the pool,
+- objective "max-stage" (the paper's): minimise L with L >= sum_o l[i,o] x[i,o] for every i;
+- objective "end-to-end": minimise sum_i share_i * sum_o l[i,o] x[i,o]. This is a linear
+  *surrogate* of the p95 of a request's latency summed over the stages it visits (a p95 of
+  a sum is not linear in x); callers re-score the best few candidates (`solve_top_k`) by
+  simulating the whole cascade.
+
+A tie-break worth at most 1e-7 of the smallest positive latency is added so equal objectives
+resolve the same way every time: under max-stage, stages off the critical path take their
+best surrogate latency; then fewer GPUs win. Reported objectives never include it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import pulp
+
+from planner.parallelism import LayoutOption
+
+OBJECTIVES = ("max-stage", "end-to-end")
+SOLVERS = ("cbc", "highs")
+TIE_BREAK = 1e-7
+
+
+@dataclass(frozen=True)
+class DeploymentProblem:
+    options: tuple[tuple[LayoutOption, ...], ...]  # per stage; may mix GPU types
+    gpu_counts: Mapping[str, int]
+    stage_shares: tuple[float, ...]
+    objective: str = "max-stage"
+    stage_models: tuple[str, ...] | None = None  # names for messages; default: the options' model
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if len(self.options) != len(self.stage_shares):
+            raise ValueError(f"{len(self.options)} stages of options but {len(self.stage_shares)} shares")
+        if any(s < 0 for s in self.stage_shares):
+            raise ValueError(f"stage shares must be >= 0, got {self.stage_shares}")
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.options)
+
+    def stage_name(self, i: int) -> str:
+        if self.stage_models is not None:
+            name = self.stage_models[i]
+        else:
+            name = self.options[i][0].model if self.options[i] else "?"
+        return f"stage {i + 1} ({name})"
+
+    def may_skip(self, i: int) -> bool:
+        return self.stage_shares[i] == 0
+
+
+@dataclass(frozen=True)
+class DeploymentSolution:
+    choices: tuple[LayoutOption | None, ...]  # None: the stage gets no GPUs (share 0 only)
+    objective_s: float  # max-stage: worst stage p95; end-to-end: the surrogate sum_i share_i * p95_i
+    bound_s: float  # best lower bound (nan when the solver gives none and did not prove optimality)
+    gap: float
+    status: str  # "optimal" or "feasible" (time limit hit)
+    solver: str
+    solve_s: float
+    objective: str = "max-stage"
+    surrogate: bool = field(default=False)  # True for end-to-end: a linear surrogate, re-score by simulation
+
+
+@dataclass(frozen=True)
+class Infeasible:
+    reason: str
+    status: str = "infeasible"  # the solver's status, or "precheck" when no solver ran
+    solver: str = ""
+
+
+def objective_value(problem: DeploymentProblem, choices: Sequence[LayoutOption | None]) -> float:
+    lat = [c.p95_latency_s if c is not None else 0.0 for c in choices]
+    if problem.objective == "max-stage":
+        return max(lat, default=0.0)
+    return sum(s * l for s, l in zip(problem.stage_shares, lat))
+
+
+# ---- formulation: one function per constraint family ----
+def _variables(prob: pulp.LpProblem, problem: DeploymentProblem) -> list[list[pulp.LpVariable]]:
+    return [[prob.add_variable(f"x_{i}_{o}", cat="Binary") for o in range(len(opts))]
+            for i, opts in enumerate(problem.options)]
+
+
+def _one_option_per_stage(prob: pulp.LpProblem, problem: DeploymentProblem, x) -> None:
+    for i, xs in enumerate(x):
+        total = pulp.lpSum(xs)
+        if problem.may_skip(i):
+            prob += (total <= 1, f"at_most_one_option_stage_{i}")
+        else:
+            prob += (total == 1, f"one_option_stage_{i}")
+
+
+def _gpu_budget(prob: pulp.LpProblem, problem: DeploymentProblem, x) -> None:
+    types = sorted({o.gpu for opts in problem.options for o in opts})
+    for t in types:
+        use = pulp.lpSum(o.n_gpus * x[i][k] for i, opts in enumerate(problem.options)
+                         for k, o in enumerate(opts) if o.gpu == t)
+        prob += (use <= int(problem.gpu_counts.get(t, 0)), f"gpu_budget_{_safe(t)}")
+
+
+def _stage_latency(problem: DeploymentProblem, x, i: int):
+    return pulp.lpSum(o.p95_latency_s * x[i][k] for k, o in enumerate(problem.options[i]))
+
+
+def _max_stage_latency(prob: pulp.LpProblem, problem: DeploymentProblem, x, L: pulp.LpVariable) -> None:
+    for i in range(problem.n_stages):
+        prob += (L >= _stage_latency(problem, x, i), f"max_stage_latency_{i}")
+
+
+def _tie_break(problem: DeploymentProblem, x):
+    """Secondary terms, scaled so their total stays below TIE_BREAK x the smallest positive
+    latency: the end-to-end surrogate (under max-stage), then the GPUs used."""
+    lats = [o.p95_latency_s for opts in problem.options for o in opts if o.p95_latency_s > 0]
+    scale = TIE_BREAK * (min(lats) if lats else 1.0)
+    n_gpus = sum(max((o.n_gpus for o in opts), default=0) for opts in problem.options) or 1
+    terms = []
+    if problem.objective == "max-stage":
+        worst = sum(s * max((o.p95_latency_s for o in opts), default=0.0)
+                    for s, opts in zip(problem.stage_shares, problem.options)) or 1.0
+        terms += [(scale / worst) * problem.stage_shares[i] * _stage_latency(problem, x, i)
+                  for i in range(problem.n_stages)]
+    terms += [(scale * 1e-3 / n_gpus) * o.n_gpus * x[i][k]
+              for i, opts in enumerate(problem.options) for k, o in enumerate(opts)]
+    return pulp.lpSum(terms)
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
+def formulate(problem: DeploymentProblem) -> pulp.LpProblem:
+    """The MILP; its binary x_{i}_{o} says stage i takes problem.options[i][o]."""
+    return _formulate(problem)[0]
+
+
+def _formulate(problem: DeploymentProblem) -> tuple[pulp.LpProblem, list[list[pulp.LpVariable]]]:
+    prob = pulp.LpProblem("cascadia_deployment", pulp.LpMinimize)
+    x = _variables(prob, problem)
+    if problem.objective == "max-stage":
+        L = prob.add_variable("L", lowBound=0)
+        prob += L + _tie_break(problem, x)
+        _max_stage_latency(prob, problem, x, L)
+    else:
+        prob += pulp.lpSum(s * _stage_latency(problem, x, i) for i, s in enumerate(problem.stage_shares)) \
+            + _tie_break(problem, x)
+    _one_option_per_stage(prob, problem, x)
+    _gpu_budget(prob, problem, x)
+    return prob, x
+
+
+def _no_good_cut(prob: pulp.LpProblem, x, chosen: Sequence[int | None], n: int) -> None:
+    """Exclude exactly this assignment: at least one x flips."""
+    flips = []
+    for i, xs in enumerate(x):
+        for k, v in enumerate(xs):
+            flips.append((1 - v) if chosen[i] == k else v)
+    prob += (pulp.lpSum(flips) >= 1, f"no_good_{n}")
+
+
+def _solver(name: str, time_limit_s: float):
+    if name == "cbc":
+        # pulp's bundled CBC: COIN_CMD, which pulp 3.3 recommends instead, needs a system
+        # cbc binary that a pip install does not bring, so keep the bundled one quietly
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=0.0, threads=1)
+    if name == "highs":
+        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=0.0, gapAbs=0.0, threads=1)
+    raise ValueError(f"solver must be one of {SOLVERS}, got {name!r}")
+
+
+def _solve_formulated(problem: DeploymentProblem, prob: pulp.LpProblem, x, solver: str,
+                      time_limit_s: float) -> tuple[DeploymentSolution | None, tuple[int | None, ...] | None, str]:
+    t0 = time.perf_counter()
+    prob.solve(_solver(solver, time_limit_s))
+    solve_s = time.perf_counter() - t0
+    status = pulp.LpStatus[prob.status]
+    sol = prob.sol_status
+    if sol not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        return None, None, status.lower()
+    chosen: list[int | None] = []
+    for xs in x:
+        on = [k for k, v in enumerate(xs) if (v.value() or 0.0) > 0.5]
+        chosen.append(on[0] if on else None)
+    choices = tuple(problem.options[i][k] if k is not None else None for i, k in enumerate(chosen))
+    obj = objective_value(problem, choices)
+    optimal = sol == pulp.LpSolutionOptimal
+    bound = obj if optimal else _solver_bound(prob, solver)
+    gap = 0.0 if optimal else ((obj - bound) / abs(obj) if obj and math.isfinite(bound) else float("nan"))
+    return DeploymentSolution(choices, obj, bound, gap, "optimal" if optimal else "feasible", solver, solve_s,
+                              problem.objective, problem.objective == "end-to-end"), tuple(chosen), status.lower()
+
+
+def _solver_bound(prob: pulp.LpProblem, solver: str) -> float:
+    """HiGHS reports its best bound; CBC through pulp does not (nan)."""
+    if solver == "highs" and getattr(prob, "solverModel", None) is not None:
+        try:
+            return float(prob.solverModel.getInfo().mip_dual_bound)
+        except (AttributeError, TypeError, ValueError):
+            return float("nan")
+    return float("nan")
+
+
+def solve(problem: DeploymentProblem, solver: str = "cbc", time_limit_s: float = 60) -> DeploymentSolution | Infeasible:
+    """The optimum, or Infeasible with the reason; the solver runs even when a precheck
+    could tell, so every answer carries the solver's own status."""
+    prob, x = _formulate(problem)
+    sol, _, status = _solve_formulated(problem, prob, x, solver, time_limit_s)
+    if sol is None:
+        return Infeasible(diagnose(problem), status, solver)
+    return sol
+
+
+def solve_top_k(problem: DeploymentProblem, k: int, solver: str = "cbc",
+                time_limit_s: float = 60) -> list[DeploymentSolution]:
+    """Up to k distinct assignments, best first (each excluded from the next solve by a
+    no-good cut). Empty when the problem is infeasible."""
+    prob, x = _formulate(problem)
+    out: list[DeploymentSolution] = []
+    for n in range(k):
+        sol, chosen, _ = _solve_formulated(problem, prob, x, solver, time_limit_s)
+        if sol is None:
+            break
+        out.append(sol)
+        _no_good_cut(prob, x, chosen, n)
+    return out
+
+
+def brute_force(problem: DeploymentProblem) -> DeploymentSolution | Infeasible:
+    """Every combination of options, for tests and tiny problems."""
+    t0 = time.perf_counter()
+    per_stage = [list(opts) + ([None] if problem.may_skip(i) else []) for i, opts in enumerate(problem.options)]
+    best, best_value = None, math.inf
+    for combo in itertools.product(*per_stage):
+        used: dict[str, int] = {}
+        for c in combo:
+            if c is not None:
+                used[c.gpu] = used.get(c.gpu, 0) + c.n_gpus
+        if any(n > problem.gpu_counts.get(t, 0) for t, n in used.items()):
+            continue
+        value = objective_value(problem, combo)
+        if value < best_value:
+            best, best_value = combo, value
+    if best is None:
+        return Infeasible(diagnose(problem), "infeasible")
+    return DeploymentSolution(tuple(best), best_value, best_value, 0.0, "optimal", "brute-force",
+                              time.perf_counter() - t0, problem.objective, problem.objective == "end-to-end")
+
+
+# ---- why a problem is infeasible ----
+def _precheck(problem: DeploymentProblem) -> Infeasible | None:
+    for i, opts in enumerate(problem.options):
+        if not opts and not problem.may_skip(i):
+            return Infeasible(f"{problem.stage_name(i)} has no feasible layout on any GPU type of the pool "
+                              "(the model does not fit)", "precheck")
+    return None
+
+
+def _cheapest(opts: Sequence[LayoutOption]) -> LayoutOption | None:
+    return min(opts, key=lambda o: o.n_gpus, default=None)
+
+
+def diagnose(problem: DeploymentProblem) -> str:
+    """A one-line reason naming the stage and GPU type that are short."""
+    pre = _precheck(problem)
+    if pre is not None:
+        return pre.reason
+    counts = problem.gpu_counts
+    for i, opts in enumerate(problem.options):  # a stage that cannot fit even alone
+        if problem.may_skip(i) or any(o.n_gpus <= counts.get(o.gpu, 0) for o in opts):
+            continue
+        need = {}
+        for o in opts:
+            need[o.gpu] = min(need.get(o.gpu, o.n_gpus), o.n_gpus)
+        what = " or ".join(f"{n} {t} (the pool has {counts.get(t, 0)})" for t, n in sorted(need.items()))
+        return f"{problem.stage_name(i)} needs at least {what}"
+    for i in reversed(range(problem.n_stages)):  # largest stage first: usually the one short
+        if problem.may_skip(i):
+            continue
+        left = dict(counts)
+        for j, opts in enumerate(problem.options):
+            if j != i and not problem.may_skip(j) and opts:
+                c = _cheapest(opts)
+                left[c.gpu] = left.get(c.gpu, 0) - c.n_gpus
+        need: dict[str, int] = {}
+        for o in problem.options[i]:
+            need[o.gpu] = min(need.get(o.gpu, o.n_gpus), o.n_gpus)
+        if all(n > left.get(t, 0) for t, n in need.items()):
+            t, n = min(need.items(), key=lambda kv: kv[1] - left.get(kv[0], 0))
+            return (f"{problem.stage_name(i)} needs at least {n} {t} but only {max(left.get(t, 0), 0)} remain "
+                    "after the cheapest options of the other stages")
+    total = ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) or "no GPUs"
+    return f"no combination of the stages' options fits the pool ({total})"
