@@ -15,6 +15,7 @@ The lower-level functions come in a ``Backends`` bundle so tests can swap in fak
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -143,6 +144,12 @@ class _DeploymentLevel:
         self.options, self.backends, self.progress = options, backends, progress
         self.tables: dict[tuple[int, float], tuple[Any, ...]] = {}
         self.solves = 0
+        # The real latency_table counts its simulations and cache hits into a TableStats.
+        self.table_stats = None
+        if "stats" in inspect.signature(backends.latency_table).parameters:
+            from planner.parallelism import TableStats
+
+            self.table_stats = TableStats()
 
     def stage_options(self, stage: int, share: float) -> tuple[Any, ...]:
         key = (stage, share)
@@ -158,7 +165,8 @@ class _DeploymentLevel:
                     table = self.backends.latency_table(
                         self.models[stage], pool.gpu, sub, max_gpus=self.cluster.gpu_counts()[pool.gpu.name],
                         gpus_per_node=pool.gpus_per_node, engine=self.options.engine,
-                        cache_dir=self.options.cache_dir, processes=self.options.processes)
+                        cache_dir=self.options.cache_dir, processes=self.options.processes,
+                        **({"stats": self.table_stats} if self.table_stats is not None else {}))
                     opts.extend(table[f] for f in sorted(table))
             self.tables[key] = tuple(opts)
             if self.progress:
@@ -289,6 +297,8 @@ def plan(cascade_models: Sequence[ModelSpec], cluster: ClusterSpec, trace: Trace
         ("routing_evaluations", float(len(search.evaluated))), ("search_rounds", float(search.rounds)),
         ("milp_solves", float(level.solves)), ("milp_memo_hits", float(search.memo_hits)),
         ("latency_tables", float(len(level.tables))), ("cascade_simulations", float(simulations)),
+        *((("table_simulations", float(level.table_stats.simulations)),
+           ("table_cache_hits", float(level.table_stats.cache_hits))) if level.table_stats else ()),
         ("planner_wall_s", time.perf_counter() - wall0)))
     problems = backends.verify_plan(best, cluster)
     if problems:

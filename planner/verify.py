@@ -109,3 +109,35 @@ def verify_deployment(cluster: ClusterSpec, models: Sequence[ModelSpec], choices
     if not problems:
         problems += _placement(cluster, choices)
     return problems
+
+
+# ---- verify_plan (owner: planner-route): a plan file re-checked from its own contents ----
+def _plan_level(plan) -> list[str]:
+    """What a plan claims about routing that must hold whatever the deployment is."""
+    problems = []
+    shares = [s.share for s in plan.stages]
+    if abs(shares[0] - 1.0) > 1e-9 or any(b > a + 1e-9 for a, b in zip(shares, shares[1:])):
+        problems.append(f"stage shares must start at 1 and not increase, got {shares}")
+    for i, s in enumerate(plan.stages):
+        if s.share > 0 and not s.replicas:
+            problems.append(f"stage {i + 1} ({s.model}) sees {s.share:.1%} of requests but has no replicas")
+        if s.planned_share + 1e-9 < s.share:
+            problems.append(f"stage {i + 1} ({s.model}) was sized for {s.planned_share:.1%} of requests but "
+                            f"sees {s.share:.1%}")
+        if (s.threshold is None) != (i == len(plan.stages) - 1):
+            problems.append(f"stage {i + 1} ({s.model}): only the last stage has no threshold")
+    if [m.name for m in plan.models] != [s.model for s in plan.stages]:
+        problems.append("the plan's stages are not its cascade's models in order")
+    return problems
+
+
+def verify_plan(plan, cluster: ClusterSpec | None = None) -> list[str]:
+    """Problems with ``plan`` on ``cluster`` (default: the cluster stored in the plan); empty
+    = ok. Converts the plan's stages back to deployment choices and runs
+    ``verify_deployment`` on them, so GPU counts, memory and node placement are checked
+    from the layouts themselves, never from what the planner reported."""
+    cluster = cluster if cluster is not None else plan.cluster
+    problems = _plan_level(plan)
+    choices = [LayoutOption(s.model, s.gpu, s.n_gpus, tuple(s.replicas), float("nan"), float("nan"), float("nan"))
+               if s.replicas else None for s in plan.stages]
+    return problems + verify_deployment(cluster, plan.models, choices, plan.engine)

@@ -213,3 +213,18 @@ def test_synthetic_three_stage_plan_is_labelled(conv, tmp_path):
     assert out.quality.kind == "synthetic" and "synthetic" in out.quality.source
     assert out.quality.predicted >= 85.0
     assert np.all(np.diff(out.stage_shares) <= 0)
+
+
+def test_verify_plan_catches_what_the_solver_could_get_wrong(conv_plan):
+    import dataclasses
+
+    from planner.verify import verify_plan
+
+    s0, s1 = conv_plan.stages
+    overcommitted = dataclasses.replace(conv_plan, stages=(
+        dataclasses.replace(s0, replicas=s0.replicas + (Layout(8, 1, (0,)),)), s1))
+    assert any("GPUs" in p for p in verify_plan(overcommitted))
+    undersized = dataclasses.replace(conv_plan, stages=(s0, dataclasses.replace(s1, planned_share=s1.share / 2)))
+    assert any("sized for" in p for p in verify_plan(undersized))
+    too_small = dataclasses.replace(conv_plan, stages=(s0, dataclasses.replace(s1, replicas=(Layout(1, 1, (0,)),))))
+    assert any("llama-3-70b" in p for p in verify_plan(too_small))
