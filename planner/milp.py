@@ -17,8 +17,11 @@ best surrogate latency; then fewer GPUs win. Reported objectives never include i
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -181,8 +184,28 @@ def _solver(name: str, time_limit_s: float):
             warnings.simplefilter("ignore", DeprecationWarning)
             return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=0.0, threads=1)
     if name == "highs":
+        _silence_highs_banner()
         return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=0.0, gapAbs=0.0, threads=1)
     raise ValueError(f"solver must be one of {SOLVERS}, got {name!r}")
+
+
+@functools.cache
+def _silence_highs_banner() -> None:
+    """HiGHS writes its copyright banner to the process's stdout on the first Highs() of a
+    process, before any option (output_flag) can be set; the planner must not print, so
+    that first instance is made with fd 1 pointed at /dev/null."""
+    import highspy
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _solve_formulated(problem: DeploymentProblem, prob: pulp.LpProblem, x, solver: str,
