@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("catalog", help="list built-in models and GPUs")
     p.set_defaults(func=cmd_catalog)
+    from planner.cli_plan import add_plan_parser  # `cascadia plan`; argparse only, planner loads on run
+    add_plan_parser(sub)
     return ap
 
 
