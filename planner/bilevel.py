@@ -304,3 +304,48 @@ def plan(cascade_models: Sequence[ModelSpec], cluster: ClusterSpec, trace: Trace
     if problems:
         return Infeasible("the chosen plan failed verification: " + "; ".join(problems))
     return best
+
+
+@dataclass(frozen=True)
+class ReplanDecision:
+    """Whether to roll out a new plan for the recent workload, and how (``diff``)."""
+
+    replan: bool
+    plan: Plan  # the plan to serve with: the new one, or the current one kept
+    diff: Any  # cascadia.plan_diff.PlanDiff; empty when the current plan is kept
+    current_p95_s: float  # current plan, simulated on the recent workload
+    new_p95_s: float  # re-planned, on the same workload (inf when re-planning failed)
+    reason: str
+
+
+def replan(current: Plan, recent: Trace, profile: QualityProfile, *, quality_source: QualitySource,
+           margin: float = 0.15, slo_p95_s: float | None = None, options: PlannerOptions | None = None,
+           backends: Backends | None = None) -> ReplanDecision:
+    """Re-plan for ``recent`` only when it pays: the new plan's predicted end-to-end p95
+    beats the current plan's on the same workload by more than ``margin`` (relative), or
+    the current plan is predicted to miss ``slo_p95_s`` or to leave requests unfinished
+    and the new plan does better. The margin is the hysteresis: going back needs another
+    gain of more than ``margin``, so two similar workloads do not make plans flip-flop."""
+    from cascadia.plan_diff import PlanDiff, diff
+
+    opts = options or PlannerOptions(objective=current.prediction.objective, solver=current.prediction.solver
+                                     if current.prediction.solver in ("cbc", "highs") else "cbc",
+                                     engine=current.engine, seed=current.prediction.simulation_seed)
+    keep = PlanDiff((), tuple((i, r) for i, s in enumerate(current.stages) for r in s.replicas))
+    now = e2e_p95(current, recent, opts.seed)
+    target = current.quality.target if current.quality.target is not None else current.quality.predicted
+    new = plan(current.models, current.cluster, recent, profile, target, quality_source=quality_source,
+               judge=current.judge, options=opts, backends=backends)
+    if isinstance(new, Infeasible):
+        return ReplanDecision(False, current, keep, now, math.inf, f"kept: re-planning failed ({new.reason})")
+    after = new.prediction.e2e_p95_s
+    missing = not math.isfinite(now) or (slo_p95_s is not None and now > slo_p95_s)
+    gain = (now - after) / now if math.isfinite(now) and now > 0 else math.inf
+    if missing and after < now:
+        why = "current plan misses its SLO" if math.isfinite(now) else "current plan leaves requests unfinished"
+        return ReplanDecision(True, new, diff(current, new), now, after, f"re-planned: {why}")
+    if gain > margin:
+        return ReplanDecision(True, new, diff(current, new), now, after,
+                              f"re-planned: predicted p95 {now:.2f} s -> {after:.2f} s ({gain:.0%} > {margin:.0%})")
+    return ReplanDecision(False, current, keep, now, after,
+                          f"kept: gain {gain:.0%} is within the {margin:.0%} margin")

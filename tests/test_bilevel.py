@@ -228,3 +228,21 @@ def test_verify_plan_catches_what_the_solver_could_get_wrong(conv_plan):
     assert any("sized for" in p for p in verify_plan(undersized))
     too_small = dataclasses.replace(conv_plan, stages=(s0, dataclasses.replace(s1, replicas=(Layout(1, 1, (0,)),))))
     assert any("llama-3-70b" in p for p in verify_plan(too_small))
+
+
+def test_replan_keeps_the_plan_for_a_similar_workload_and_moves_for_a_shift(conv_plan, conv, mtbench):
+    from cascadia.traces import scale_rate
+    from planner.bilevel import replan
+
+    prof, src = mtbench
+    opts = PlannerOptions(processes=1, seed=11, cache_dir=None)
+    same = replan(conv_plan, window(conv, 600, 1200), prof, quality_source=src, options=opts, backends=backends())
+    assert not same.replan and same.diff.empty and same.plan is conv_plan, same.reason
+    # Triple the load: the plan sized for 4.8 req/s falls behind; re-planning must help.
+    busy = scale_rate(window(conv, 600, 900), 3 * conv_plan.workload.mean_rate_rps)
+    shift = replan(conv_plan, busy, prof, quality_source=src, options=opts, backends=backends(), slo_p95_s=20.0)
+    assert shift.replan and "SLO" in shift.reason, shift.reason
+    assert shift.new_p95_s < shift.current_p95_s and not shift.diff.empty
+    # Every replica of the new plan is either kept running or started/resized into place.
+    assert len(shift.diff.kept) + sum(a.kind in ("start", "resize") for a in shift.diff.actions) == sum(
+        len(s.replicas) for s in shift.plan.stages)
