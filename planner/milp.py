@@ -95,14 +95,38 @@ def objective_value(problem: DeploymentProblem, choices: Sequence[LayoutOption |
 
 
 # ---- formulation: one function per constraint family ----
-def _variables(prob: pulp.LpProblem, problem: DeploymentProblem) -> list[list[pulp.LpVariable]]:
-    return [[prob.add_variable(f"x_{i}_{o}", cat="Binary") for o in range(len(opts))]
+def _undominated(opts: Sequence[LayoutOption]) -> list[int]:
+    """Indices of the options no other option of the stage beats: same GPU type, no more
+    GPUs and no higher p95 (of equal ones the first). Dropping the rest keeps the optimum
+    of both objectives and keeps wasteful copies (a table's f beyond the GPUs its layout
+    uses) out of the top-k."""
+    keep = []
+    for k, o in enumerate(opts):
+        beaten = any(j != k and p.gpu == o.gpu and p.n_gpus <= o.n_gpus and p.p95_latency_s <= o.p95_latency_s
+                     and (p.n_gpus < o.n_gpus or p.p95_latency_s < o.p95_latency_s or j < k)
+                     for j, p in enumerate(opts))
+        if not beaten:
+            keep.append(k)
+    return keep
+
+
+def _variables(prob: pulp.LpProblem, problem: DeploymentProblem) -> list[dict[int, pulp.LpVariable]]:
+    return [{k: prob.add_variable(f"x_{i}_{k}", cat="Binary") for k in _undominated(opts)}
             for i, opts in enumerate(problem.options)]
+
+
+def _expr(terms) -> pulp.LpAffineExpression:
+    """Sum of (variable, coefficient) pairs; a variable may appear more than once (pulp's
+    constructor would keep only its last coefficient)."""
+    coef: dict[pulp.LpVariable, float] = {}
+    for v, c in terms:
+        coef[v] = coef.get(v, 0.0) + c
+    return pulp.LpAffineExpression(list(coef.items()))
 
 
 def _one_option_per_stage(prob: pulp.LpProblem, problem: DeploymentProblem, x) -> None:
     for i, xs in enumerate(x):
-        total = pulp.lpSum(xs)
+        total = _expr((v, 1.0) for v in xs.values())
         if problem.may_skip(i):
             prob += (total <= 1, f"at_most_one_option_stage_{i}")
         else:
@@ -112,21 +136,21 @@ def _one_option_per_stage(prob: pulp.LpProblem, problem: DeploymentProblem, x) -
 def _gpu_budget(prob: pulp.LpProblem, problem: DeploymentProblem, x) -> None:
     types = sorted({o.gpu for opts in problem.options for o in opts})
     for t in types:
-        use = pulp.lpSum(o.n_gpus * x[i][k] for i, opts in enumerate(problem.options)
-                         for k, o in enumerate(opts) if o.gpu == t)
+        use = _expr((v, problem.options[i][k].n_gpus) for i, xs in enumerate(x) for k, v in xs.items()
+                    if problem.options[i][k].gpu == t)
         prob += (use <= int(problem.gpu_counts.get(t, 0)), f"gpu_budget_{_safe(t)}")
 
 
-def _stage_latency(problem: DeploymentProblem, x, i: int):
-    return pulp.lpSum(o.p95_latency_s * x[i][k] for k, o in enumerate(problem.options[i]))
+def _stage_latency_terms(problem: DeploymentProblem, x, i: int, weight: float = 1.0):
+    return [(v, weight * problem.options[i][k].p95_latency_s) for k, v in x[i].items()]
 
 
 def _max_stage_latency(prob: pulp.LpProblem, problem: DeploymentProblem, x, L: pulp.LpVariable) -> None:
     for i in range(problem.n_stages):
-        prob += (L >= _stage_latency(problem, x, i), f"max_stage_latency_{i}")
+        prob += (L >= _expr(_stage_latency_terms(problem, x, i)), f"max_stage_latency_{i}")
 
 
-def _tie_break(problem: DeploymentProblem, x):
+def _tie_break_terms(problem: DeploymentProblem, x) -> list:
     """Secondary terms, scaled so their total stays below TIE_BREAK x the smallest positive
     latency: the end-to-end surrogate (under max-stage), then the GPUs used."""
     lats = [o.p95_latency_s for opts in problem.options for o in opts if o.p95_latency_s > 0]
@@ -136,11 +160,10 @@ def _tie_break(problem: DeploymentProblem, x):
     if problem.objective == "max-stage":
         worst = sum(s * max((o.p95_latency_s for o in opts), default=0.0)
                     for s, opts in zip(problem.stage_shares, problem.options)) or 1.0
-        terms += [(scale / worst) * problem.stage_shares[i] * _stage_latency(problem, x, i)
-                  for i in range(problem.n_stages)]
-    terms += [(scale * 1e-3 / n_gpus) * o.n_gpus * x[i][k]
-              for i, opts in enumerate(problem.options) for k, o in enumerate(opts)]
-    return pulp.lpSum(terms)
+        for i, share in enumerate(problem.stage_shares):
+            terms += _stage_latency_terms(problem, x, i, scale * share / worst)
+    terms += [(v, scale * 1e-3 * problem.options[i][k].n_gpus / n_gpus) for i, xs in enumerate(x) for k, v in xs.items()]
+    return terms
 
 
 def _safe(name: str) -> str:
@@ -148,32 +171,37 @@ def _safe(name: str) -> str:
 
 
 def formulate(problem: DeploymentProblem) -> pulp.LpProblem:
-    """The MILP; its binary x_{i}_{o} says stage i takes problem.options[i][o]."""
+    """The MILP; its binary x_{i}_{o} says stage i takes problem.options[i][o] (dominated
+    options get no variable)."""
     return _formulate(problem)[0]
 
 
-def _formulate(problem: DeploymentProblem) -> tuple[pulp.LpProblem, list[list[pulp.LpVariable]]]:
+def _formulate(problem: DeploymentProblem) -> tuple[pulp.LpProblem, list[dict[int, pulp.LpVariable]]]:
     prob = pulp.LpProblem("cascadia_deployment", pulp.LpMinimize)
     x = _variables(prob, problem)
     if problem.objective == "max-stage":
         L = prob.add_variable("L", lowBound=0)
-        prob += L + _tie_break(problem, x)
+        prob += _expr([(L, 1.0)] + _tie_break_terms(problem, x))
         _max_stage_latency(prob, problem, x, L)
     else:
-        prob += pulp.lpSum(s * _stage_latency(problem, x, i) for i, s in enumerate(problem.stage_shares)) \
-            + _tie_break(problem, x)
+        primary = [t for i, share in enumerate(problem.stage_shares) for t in _stage_latency_terms(problem, x, i, share)]
+        prob += _expr(primary + _tie_break_terms(problem, x))
     _one_option_per_stage(prob, problem, x)
     _gpu_budget(prob, problem, x)
     return prob, x
 
 
 def _no_good_cut(prob: pulp.LpProblem, x, chosen: Sequence[int | None], n: int) -> None:
-    """Exclude exactly this assignment: at least one x flips."""
-    flips = []
+    """Exclude exactly this assignment: at least one x flips (sum of flips >= 1)."""
+    terms, ones = [], 0
     for i, xs in enumerate(x):
-        for k, v in enumerate(xs):
-            flips.append((1 - v) if chosen[i] == k else v)
-    prob += (pulp.lpSum(flips) >= 1, f"no_good_{n}")
+        for k, v in xs.items():
+            if chosen[i] == k:
+                terms.append((v, -1.0))
+                ones += 1
+            else:
+                terms.append((v, 1.0))
+    prob += (_expr(terms) >= 1 - ones, f"no_good_{n}")
 
 
 def _solver(name: str, time_limit_s: float):
@@ -219,7 +247,7 @@ def _solve_formulated(problem: DeploymentProblem, prob: pulp.LpProblem, x, solve
         return None, None, status.lower()
     chosen: list[int | None] = []
     for xs in x:
-        on = [k for k, v in enumerate(xs) if (v.value() or 0.0) > 0.5]
+        on = [k for k, v in xs.items() if (v.value() or 0.0) > 0.5]
         chosen.append(on[0] if on else None)
     choices = tuple(problem.options[i][k] if k is not None else None for i, k in enumerate(chosen))
     obj = objective_value(problem, choices)

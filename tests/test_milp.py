@@ -139,3 +139,13 @@ def test_formulate_names_each_constraint_family():
         assert prob.get_constraint_by_name(name) is not None, name
     assert not math.isnan(solve(DeploymentProblem((a, a), {"H100": 2, "A100-80G": 2}, (1.0, 0.0)),
                                 solver="highs").solve_s)
+
+
+def test_dominated_table_entries_get_no_variable_and_never_win():
+    # a latency table repeats its best layout at larger f (spare GPUs idle): f=3 and f=4 copy f=2
+    table = (opt("a", "H100", 1, 5.0), opt("a", "H100", 2, 3.0), opt("a", "H100", 3, 3.0), opt("a", "H100", 4, 3.0))
+    problem = DeploymentProblem((table,), {"H100": 4}, (1.0,))
+    names = {v.name for v in formulate(problem).variables()}
+    assert {"x_0_0", "x_0_1"} <= names and not {"x_0_2", "x_0_3"} & names
+    assert solve(problem).choices[0].n_gpus == 2
+    assert [s.choices[0].n_gpus for s in solve_top_k(problem, 5)] == [2, 1]
