@@ -1,5 +1,3 @@
-import pytest
-
 from cascadia.catalog import get_model
 from cascadia.perf.layout import Layout
 from cascadia.specs.cluster import parse_cluster
@@ -76,3 +74,12 @@ def test_verify_deployment_accepts_a_sound_one_and_names_each_problem():
     assert verify_deployment(parse_cluster("1x8xH100+2x2xH100"), [LLAMA8, LLAMA70],
                              [option(LLAMA8, "H100", [Layout(4)]), option(LLAMA70, "H100", [Layout(8)])])[0] \
         .startswith("stage 1 replica 1 (tp4pp1) does not fit")
+
+
+def test_verify_checks_given_pipeline_nodes():
+    cluster = parse_cluster("2x4xH100")
+    spanning = [option(LLAMA70, "H100", [Layout(4, 2, (0, 1))])]
+    assert verify_deployment(cluster, [LLAMA70], spanning) == []
+    missing_node = [option(LLAMA70, "H100", [Layout(4, 2, (1, 2))])]
+    assert verify_deployment(cluster, [LLAMA70], missing_node) == [
+        "stage 1 replica 1: pipeline stage 2 is on node 2, which does not exist (the cluster has 2)"]
