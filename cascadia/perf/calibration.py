@@ -157,19 +157,24 @@ def fit_efficiency(samples: Sequence[IterationSample], model: ModelSpec, device:
 
 def fit_calibration(run: ProfileRun, model: ModelSpec, device: GPUSpec, *, layout: Layout = Layout(),
                     samples_sha256: str = "", held_out_prefix: str = HELD_OUT_PREFIX) -> Calibration:
-    dtype = run.engine_config.get("dtype")
+    # profiler runs record {"requested": ..., "effective": ...}; flat dicts are accepted too
+    report = dict(run.engine_config.get("effective") or run.engine_config)
+    dtype = report.get("dtype") or (run.engine_config.get("requested") or {}).get("dtype")
     spec = spec_for_dtype(model, dtype)
+    if not samples_sha256:
+        canonical = json.dumps([s.to_dict() for s in run.samples], sort_keys=True).encode()
+        samples_sha256 = hashlib.sha256(canonical).hexdigest()
     fit_set = [s for s in run.samples if not s.label.startswith(held_out_prefix)]
     held = [s for s in run.samples if s.label.startswith(held_out_prefix)]
     eff, fit_err = fit_efficiency(fit_set, spec, device, layout)
-    report: dict = {"n_fit": len(fit_set), "fit_mean_abs_rel_error": fit_err}
+    fit_report: dict = {"n_fit": len(fit_set), "fit_mean_abs_rel_error": fit_err}
     if held:
         err = relative_errors(held, predict(held, spec, device, eff, layout))
-        report.update({
+        fit_report.update({
             "n_held_out": len(held),
             "held_out_mean_abs_rel_error": float(np.mean(np.abs(err))),
             "held_out_max_abs_rel_error": float(np.max(np.abs(err))),
             "held_out_mean_signed_rel_error": float(np.mean(err)),
         })
     return Calibration(model=run.model, device=device, efficiency=eff, layout=layout, dtype=dtype,
-                       engine_config=dict(run.engine_config), fit_report=report, samples_sha256=samples_sha256)
+                       engine_config=report, fit_report=fit_report, samples_sha256=samples_sha256)
