@@ -10,9 +10,10 @@ its latency table;
   a sum is not linear in x); callers re-score the best few candidates (`solve_top_k`) by
   simulating the whole cascade.
 
-A tie-break worth at most 1e-7 of the smallest positive latency is added so equal objectives
-resolve the same way every time: under max-stage, stages off the critical path take their
-best surrogate latency; then fewer GPUs win. Reported objectives never include it.
+Max-stage is solved lexicographically: after L, a second solve with L capped at its optimum
+minimises the surrogate, so stages off the critical path use the spare GPUs. Options another
+option of the stage beats (same type, no more GPUs, no higher p95) get no variable, and a
+stage without traffic is reported with no GPUs; neither changes an optimum.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from planner.parallelism import LayoutOption
 
 OBJECTIVES = ("max-stage", "end-to-end")
 SOLVERS = ("cbc", "highs")
-TIE_BREAK = 1e-7
 
 
 @dataclass(frozen=True)
@@ -150,20 +150,12 @@ def _max_stage_latency(prob: pulp.LpProblem, problem: DeploymentProblem, x, L: p
         prob += (L >= _expr(_stage_latency_terms(problem, x, i)), f"max_stage_latency_{i}")
 
 
-def _tie_break_terms(problem: DeploymentProblem, x) -> list:
-    """Secondary terms, scaled so their total stays below TIE_BREAK x the smallest positive
-    latency: the end-to-end surrogate (under max-stage), then the GPUs used."""
-    lats = [o.p95_latency_s for opts in problem.options for o in opts if o.p95_latency_s > 0]
-    scale = TIE_BREAK * (min(lats) if lats else 1.0)
-    n_gpus = sum(max((o.n_gpus for o in opts), default=0) for opts in problem.options) or 1
-    terms = []
-    if problem.objective == "max-stage":
-        worst = sum(s * max((o.p95_latency_s for o in opts), default=0.0)
-                    for s, opts in zip(problem.stage_shares, problem.options)) or 1.0
-        for i, share in enumerate(problem.stage_shares):
-            terms += _stage_latency_terms(problem, x, i, scale * share / worst)
-    terms += [(v, scale * 1e-3 * problem.options[i][k].n_gpus / n_gpus) for i, xs in enumerate(x) for k, v in xs.items()]
-    return terms
+def _surrogate(problem: DeploymentProblem, x) -> pulp.LpAffineExpression:
+    return _expr(t for i, share in enumerate(problem.stage_shares) for t in _stage_latency_terms(problem, x, i, share))
+
+
+def _cap_max_stage(prob: pulp.LpProblem, L: pulp.LpVariable, cap_s: float) -> None:
+    prob += (_expr([(L, 1.0)]) <= cap_s, "max_stage_cap")
 
 
 def _safe(name: str) -> str:
@@ -176,18 +168,28 @@ def formulate(problem: DeploymentProblem) -> pulp.LpProblem:
     return _formulate(problem)[0]
 
 
-def _formulate(problem: DeploymentProblem) -> tuple[pulp.LpProblem, list[dict[int, pulp.LpVariable]]]:
+def _formulate(problem: DeploymentProblem, cuts: Sequence[Sequence[int | None]] = (),
+               cap_s: float | None = None) -> tuple[pulp.LpProblem, list[dict[int, pulp.LpVariable]]]:
+    """cap_s (max-stage only) builds the second, lexicographic phase: L capped at the
+    first phase's optimum, minimise the end-to-end surrogate, so stages off the critical
+    path take the spare GPUs (a tie-break term small enough not to disturb L would sit
+    below the solvers' tolerances)."""
     prob = pulp.LpProblem("cascadia_deployment", pulp.LpMinimize)
     x = _variables(prob, problem)
     if problem.objective == "max-stage":
         L = prob.add_variable("L", lowBound=0)
-        prob += _expr([(L, 1.0)] + _tie_break_terms(problem, x))
         _max_stage_latency(prob, problem, x, L)
+        if cap_s is None:
+            prob += _expr([(L, 1.0)])
+        else:
+            _cap_max_stage(prob, L, cap_s)
+            prob += _surrogate(problem, x)
     else:
-        primary = [t for i, share in enumerate(problem.stage_shares) for t in _stage_latency_terms(problem, x, i, share)]
-        prob += _expr(primary + _tie_break_terms(problem, x))
+        prob += _surrogate(problem, x)
     _one_option_per_stage(prob, problem, x)
     _gpu_budget(prob, problem, x)
+    for n, chosen in enumerate(cuts):
+        _no_good_cut(prob, x, chosen, n)
     return prob, x
 
 
@@ -236,26 +238,44 @@ def _silence_highs_banner() -> None:
         os.close(devnull)
 
 
-def _solve_formulated(problem: DeploymentProblem, prob: pulp.LpProblem, x, solver: str,
-                      time_limit_s: float) -> tuple[DeploymentSolution | None, tuple[int | None, ...] | None, str]:
+def _run(problem: DeploymentProblem, prob: pulp.LpProblem, x, solver: str, time_limit_s: float):
+    """(chosen option index per stage or None, optimal?, solve s) or (None, status, solve s)."""
     t0 = time.perf_counter()
     prob.solve(_solver(solver, time_limit_s))
     solve_s = time.perf_counter() - t0
-    status = pulp.LpStatus[prob.status]
-    sol = prob.sol_status
-    if sol not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        return None, None, status.lower()
-    chosen: list[int | None] = []
+    if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        return None, pulp.LpStatus[prob.status].lower(), solve_s
+    chosen = []
     for xs in x:
         on = [k for k, v in xs.items() if (v.value() or 0.0) > 0.5]
         chosen.append(on[0] if on else None)
-    choices = tuple(problem.options[i][k] if k is not None else None for i, k in enumerate(chosen))
+    return tuple(chosen), prob.sol_status == pulp.LpSolutionOptimal, solve_s
+
+
+def _solve_once(problem: DeploymentProblem, solver: str, time_limit_s: float, cuts=()):
+    """(solution, raw assignment) or (None, status)."""
+    prob, x = _formulate(problem, cuts)
+    chosen, optimal, solve_s = _run(problem, prob, x, solver, time_limit_s)
+    if chosen is None:
+        return None, optimal
+    first = objective_value(problem, _choices(problem, chosen))
+    bound = first if optimal else _solver_bound(prob, solver)
+    if problem.objective == "max-stage" and optimal and time_limit_s - solve_s > 0:
+        prob2, x2 = _formulate(problem, cuts, cap_s=first * (1 + 1e-9) + 1e-9)
+        chosen2, optimal2, solve2_s = _run(problem, prob2, x2, solver, time_limit_s - solve_s)
+        solve_s += solve2_s
+        if chosen2 is not None and objective_value(problem, _choices(problem, chosen2)) <= first * (1 + 1e-9) + 1e-9:
+            chosen = chosen2
+    # a stage without traffic gets no GPUs: never worse (max-stage: it can only lower L)
+    choices = tuple(None if problem.may_skip(i) else c for i, c in enumerate(_choices(problem, chosen)))
     obj = objective_value(problem, choices)
-    optimal = sol == pulp.LpSolutionOptimal
-    bound = obj if optimal else _solver_bound(prob, solver)
     gap = 0.0 if optimal else ((obj - bound) / abs(obj) if obj and math.isfinite(bound) else float("nan"))
     return DeploymentSolution(choices, obj, bound, gap, "optimal" if optimal else "feasible", solver, solve_s,
-                              problem.objective, problem.objective == "end-to-end"), tuple(chosen), status.lower()
+                              problem.objective, problem.objective == "end-to-end"), chosen
+
+
+def _choices(problem: DeploymentProblem, chosen: Sequence[int | None]) -> tuple[LayoutOption | None, ...]:
+    return tuple(problem.options[i][k] if k is not None else None for i, k in enumerate(chosen))
 
 
 def _solver_bound(prob: pulp.LpProblem, solver: str) -> float:
@@ -271,8 +291,7 @@ def _solver_bound(prob: pulp.LpProblem, solver: str) -> float:
 def solve(problem: DeploymentProblem, solver: str = "cbc", time_limit_s: float = 60) -> DeploymentSolution | Infeasible:
     """The optimum, or Infeasible with the reason; the solver runs even when a precheck
     could tell, so every answer carries the solver's own status."""
-    prob, x = _formulate(problem)
-    sol, _, status = _solve_formulated(problem, prob, x, solver, time_limit_s)
+    sol, status = _solve_once(problem, solver, time_limit_s)
     if sol is None:
         return Infeasible(diagnose(problem), status, solver)
     return sol
@@ -280,16 +299,17 @@ def solve(problem: DeploymentProblem, solver: str = "cbc", time_limit_s: float =
 
 def solve_top_k(problem: DeploymentProblem, k: int, solver: str = "cbc",
                 time_limit_s: float = 60) -> list[DeploymentSolution]:
-    """Up to k distinct assignments, best first (each excluded from the next solve by a
-    no-good cut). Empty when the problem is infeasible."""
-    prob, x = _formulate(problem)
+    """Up to k distinct deployments, best first (each assignment is excluded from the next
+    solve by a no-good cut). Empty when the problem is infeasible."""
     out: list[DeploymentSolution] = []
-    for n in range(k):
-        sol, chosen, _ = _solve_formulated(problem, prob, x, solver, time_limit_s)
+    cuts: list[tuple[int | None, ...]] = []
+    while len(out) < k and len(cuts) < 3 * k:
+        sol, chosen = _solve_once(problem, solver, time_limit_s, cuts)
         if sol is None:
             break
-        out.append(sol)
-        _no_good_cut(prob, x, chosen, n)
+        cuts.append(chosen)
+        if all(sol.choices != s.choices for s in out):  # differs in more than a stage without traffic
+            out.append(sol)
     return out
 
 

@@ -149,3 +149,12 @@ def test_dominated_table_entries_get_no_variable_and_never_win():
     assert {"x_0_0", "x_0_1"} <= names and not {"x_0_2", "x_0_3"} & names
     assert solve(problem).choices[0].n_gpus == 2
     assert [s.choices[0].n_gpus for s in solve_top_k(problem, 5)] == [2, 1]
+
+
+@pytest.mark.parametrize("solver", ["cbc", "highs"])
+def test_max_stage_gives_spare_gpus_to_stages_off_the_critical_path(solver):
+    small = tuple(opt("a", "H100", f, 5.0 / (1 + 0.1 * (f - 1))) for f in range(1, 9))
+    big = tuple(opt("b", "H100", f, 9.6) for f in range(4, 9))  # more GPUs do not help the bottleneck
+    sol = solve(DeploymentProblem((small, big), {"H100": 8}, (1.0, 0.2)), solver=solver)
+    assert sol.objective_s == pytest.approx(9.6)
+    assert [c.n_gpus for c in sol.choices] == [4, 4]  # not 1 GPU for the small model and 3 idle
