@@ -238,8 +238,9 @@ def _silence_highs_banner() -> None:
         os.close(devnull)
 
 
-def _run(problem: DeploymentProblem, prob: pulp.LpProblem, x, solver: str, time_limit_s: float):
-    """(chosen option index per stage or None, optimal?, solve s) or (None, status, solve s)."""
+def _run(prob: pulp.LpProblem, x, solver: str, time_limit_s: float):
+    """(chosen option index per stage or None, proven optimal, solve s), or (None, the
+    solver's status, solve s) when it found no solution."""
     t0 = time.perf_counter()
     prob.solve(_solver(solver, time_limit_s))
     solve_s = time.perf_counter() - t0
@@ -253,16 +254,16 @@ def _run(problem: DeploymentProblem, prob: pulp.LpProblem, x, solver: str, time_
 
 
 def _solve_once(problem: DeploymentProblem, solver: str, time_limit_s: float, cuts=()):
-    """(solution, raw assignment) or (None, status)."""
+    """(solution, the raw assignment to cut in top-k) or (None, the solver's status)."""
     prob, x = _formulate(problem, cuts)
-    chosen, optimal, solve_s = _run(problem, prob, x, solver, time_limit_s)
+    chosen, optimal, solve_s = _run(prob, x, solver, time_limit_s)
     if chosen is None:
         return None, optimal
     first = objective_value(problem, _choices(problem, chosen))
     bound = first if optimal else _solver_bound(prob, solver)
     if problem.objective == "max-stage" and optimal and time_limit_s - solve_s > 0:
         prob2, x2 = _formulate(problem, cuts, cap_s=first * (1 + 1e-9) + 1e-9)
-        chosen2, optimal2, solve2_s = _run(problem, prob2, x2, solver, time_limit_s - solve_s)
+        chosen2, _, solve2_s = _run(prob2, x2, solver, time_limit_s - solve_s)
         solve_s += solve2_s
         if chosen2 is not None and objective_value(problem, _choices(problem, chosen2)) <= first * (1 + 1e-9) + 1e-9:
             chosen = chosen2
