@@ -101,6 +101,7 @@ class Prediction:
     solver_bound_s: float
     solver_gap: float
     simulation_seed: int
+    simulation_seeds: int = 1  # e2e_p95_s pools this many seeded simulations (seed, seed+1, ...)
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,9 @@ def _parse_plan(root: _Node) -> Plan:
         solver_objective_s=pr.field("solver_objective_s").number(nullable=True),
         solver_bound_s=pr.field("solver_bound_s").number(nullable=True),
         solver_gap=pr.field("solver_gap").number(nullable=True),
-        simulation_seed=pr.field("simulation_seed").integer())
+        simulation_seed=pr.field("simulation_seed").integer(),
+        simulation_seeds=pr.field("simulation_seeds").integer(1) if pr.opt("simulation_seeds").value is not None
+        else 1)
     return Plan(
         models=models, cluster=cluster, engine=root.field("engine").build(EngineConfig.from_dict), stages=stages,
         judge=root.field("judge").build(lambda d: JudgeInfo(**d)), quality=quality, prediction=prediction,

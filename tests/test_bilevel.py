@@ -152,14 +152,48 @@ def test_plan_passes_verify_plan(conv_plan):
     assert verify_plan(conv_plan, conv_plan.cluster) == []
 
 
-def test_prediction_holds_on_the_next_window_with_another_seed(conv_plan, conv):
-    """Issue 3's must-show: simulate on a different window with a different seed; the
-    end-to-end p95 is within 10% of the prediction. The next 10 minutes of the trace
-    have the same mix (later windows of Azure conv do not: their mean output length falls
-    from 260 to 165 tokens, which is what re-planning is for)."""
-    predicted = conv_plan.prediction.e2e_p95_s
+PREDICTION_CASES = {
+    "2-stage max-stage q88": (CASCADE, "1x8xH100", 88.0, "max-stage", None),
+    "2-stage end-to-end q90": (CASCADE, "1x8xH100", 90.0, "end-to-end", None),
+    "3-stage end-to-end q85 (synthetic)": (("deepseek-r1-distill-qwen-7b", "deepseek-r1-distill-llama-70b",
+                                            "deepseek-v3-671b-awq"), "4x8xH100", 85.0, "end-to-end", (70, 85, 92)),
+}
+
+
+_CASE_PLANS: dict = {}
+
+
+def case_plan(case, conv, mtbench, tmp_path_factory):
+    """The plan of a PREDICTION_CASES entry, made once per test session."""
+    if case not in _CASE_PLANS:
+        names, cluster, q_min, objective, synthetic_means = PREDICTION_CASES[case]
+        if synthetic_means:
+            prof, src = stage_profile(synthetic_profile(synthetic_means, seed=5, models=names), names,
+                                      {n: n for n in names}, kind="synthetic")
+        else:
+            prof, src = mtbench
+        opts = PlannerOptions(cache_dir=str(tmp_path_factory.mktemp("tables")), processes=1, seed=11,
+                              objective=objective, share_quantum=0.1 if synthetic_means else 0.05)
+        _CASE_PLANS[case] = plan([get_model(n) for n in names], parse_cluster(cluster), window(conv, 0, 300), prof,
+                                 q_min, quality_source=src, options=opts, backends=backends())
+    return _CASE_PLANS[case]
+
+
+@pytest.mark.parametrize("case", sorted(PREDICTION_CASES))
+def test_prediction_holds_on_the_next_window_with_another_seed(case, conv, mtbench, tmp_path_factory):
+    """Issue 3's must-show: plan on minutes 0-5 of Azure conv, simulate the plan on minutes
+    5-10 with another seed; the end-to-end p95 is within 10% of the prediction. (Later
+    windows of Azure conv are a different mix -- mean output length falls from 260 to 165
+    tokens -- and Azure code shifts from window to window: that is what re-planning is for.)"""
+    p = case_plan(case, conv, mtbench, tmp_path_factory)
+    assert isinstance(p, Plan), p
+    observed = e2e_p95(p, window(conv, 300, 600), seed=12345)
+    assert observed == pytest.approx(p.prediction.e2e_p95_s, rel=0.10)
+
+
+def test_prediction_of_the_10_minute_plan_holds_on_the_next_10_minutes(conv_plan, conv):
     observed = e2e_p95(conv_plan, window(conv, 600, 1200), seed=12345)
-    assert observed == pytest.approx(predicted, rel=0.10)
+    assert observed == pytest.approx(conv_plan.prediction.e2e_p95_s, rel=0.10)
 
 
 def test_json_round_trip_of_a_real_plan(conv_plan, tmp_path):
@@ -203,16 +237,13 @@ def test_bad_inputs_are_infeasible_with_a_reason(case, expect, conv, mtbench, tm
     assert isinstance(out, Infeasible) and expect in out.reason
 
 
-def test_synthetic_three_stage_plan_is_labelled(conv, tmp_path):
-    names = ["llama-3-8b", "deepseek-r1-distill-llama-70b", "llama-3-70b"]
-    prof, src = stage_profile(synthetic_profile([70, 84, 90], seed=5, models=names), names,
-                              {n: n for n in names}, kind="synthetic")
-    out = plan([get_model(n) for n in names], parse_cluster("2x8xH100"), window(conv, 0, 120), prof, 85.0,
-               quality_source=src, options=options(tmp_path), backends=backends())
+def test_synthetic_three_stage_plan_is_labelled(conv, mtbench, tmp_path_factory):
+    out = case_plan("3-stage end-to-end q85 (synthetic)", conv, mtbench, tmp_path_factory)
     assert isinstance(out, Plan), out
     assert out.quality.kind == "synthetic" and "synthetic" in out.quality.source
-    assert out.quality.predicted >= 85.0
+    assert out.quality.predicted >= 85.0 and len(out.stages) == 3
     assert np.all(np.diff(out.stage_shares) <= 0)
+    assert out.judge.name.startswith("profile judge (synthetic")
 
 
 def test_verify_plan_catches_what_the_solver_could_get_wrong(conv_plan):
@@ -238,9 +269,11 @@ def test_replan_keeps_the_plan_for_a_similar_workload_and_moves_for_a_shift(conv
     opts = PlannerOptions(processes=1, seed=11, cache_dir=None)
     same = replan(conv_plan, window(conv, 600, 1200), prof, quality_source=src, options=opts, backends=backends())
     assert not same.replan and same.diff.empty and same.plan is conv_plan, same.reason
-    # Triple the load: the plan sized for 4.8 req/s falls behind; re-planning must help.
-    busy = scale_rate(window(conv, 600, 900), 3 * conv_plan.workload.mean_rate_rps)
-    shift = replan(conv_plan, busy, prof, quality_source=src, options=opts, backends=backends(), slo_p95_s=20.0)
+    # Five times the load: the plan sized for 4.8 req/s falls behind its own predicted p95
+    # (taken as its SLO); re-planning must help.
+    busy = scale_rate(window(conv, 600, 900), 5 * conv_plan.workload.mean_rate_rps)
+    shift = replan(conv_plan, busy, prof, quality_source=src, options=opts, backends=backends(),
+                   slo_p95_s=conv_plan.prediction.e2e_p95_s)
     assert shift.replan and "SLO" in shift.reason, shift.reason
     assert shift.new_p95_s < shift.current_p95_s and not shift.diff.empty
     # Every replica of the new plan is either kept running or started/resized into place.
