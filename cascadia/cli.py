@@ -95,6 +95,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from cascadia.sim.config import EngineConfig
     from cascadia.specs.gpu import get_gpu
 
+    if args.plan:
+        return _simulate_plan(args)
+    if not args.model:
+        raise UsageError("pass --model (with --gpu/--replicas/--tp/--pp) or --plan PLAN.json")
     model = _model_spec(args.model)
     try:
         gpu = get_gpu(args.gpu)
@@ -132,22 +136,45 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         result = simulate(trace, stage, fast_forward=not args.no_fast_forward)
     except LayoutDoesNotFit as e:
         raise UsageError(str(e)) from None
+    header = f"{model.name} on {args.replicas} x {gpu.name} replica(s) tp={args.tp} pp={args.pp}"
+    meta = {"model": model.name, "gpu": gpu.name, "replicas": args.replicas, "tp": args.tp, "pp": args.pp,
+            "calibration": str(calib_path) if calib_path else None}
+    return _report(args, header, meta, trace, result)
+
+
+def _simulate_plan(args: argparse.Namespace) -> int:
+    from cascadia.plan import Plan, PlanError, simulate_plan
+
+    try:
+        plan = Plan.load(args.plan)
+    except PlanError as e:
+        raise UsageError(str(e)) from None
+    except FileNotFoundError:
+        raise UsageError(f"--plan: no such file: {args.plan}") from None
+    trace = _load_trace(args)
+    result = simulate_plan(plan, trace, seed=args.seed)
+    stages = ", ".join(f"{st.model} {sum(r.n_gpus for r in st.replicas)}x{st.gpu}" for st in plan.stages)
+    header = f"plan {args.plan}: {stages}; planned stage shares {[round(x, 3) for x in plan.stage_shares]}"
+    return _report(args, header, {"plan": str(args.plan)}, trace, result)
+
+
+def _report(args: argparse.Namespace, header: str, meta: dict, trace, result) -> int:
     summary = result.summary()
-    print(_format_summary(model.name, gpu.name, args, summary))
+    print(header)
+    print(_format_summary(summary))
     if args.json:
-        doc = {"model": model.name, "gpu": gpu.name, "replicas": args.replicas, "tp": args.tp, "pp": args.pp,
-               "trace": trace.name, "calibration": str(calib_path) if calib_path else None, "summary": summary,
+        doc = {**meta, "trace": trace.name, "summary": summary,
                "requests": {"arrival_s": result.arrival_s.tolist(), "ttft_s": result.ttft_s.tolist(),
-                            "tpot_s": result.tpot_s.tolist(), "e2e_s": result.e2e_s.tolist()}}
+                            "tpot_s": result.tpot_s.tolist(), "e2e_s": result.e2e_s.tolist(),
+                            "final_stage": result.final_stage.tolist()}}
         Path(args.json).write_text(json.dumps(doc, indent=1))
         print(f"wrote {args.json}")
     return 0 if result.n_unfinished == 0 else 1
 
 
-def _format_summary(model: str, gpu: str, args: argparse.Namespace, s: dict) -> str:
+def _format_summary(s: dict) -> str:
     ms = lambda d, k: f"{d[k] * 1e3:10.1f}"  # noqa: E731
     lines = [
-        f"{model} on {args.replicas} x {gpu} replica(s) tp={args.tp} pp={args.pp}",
         f"requests {s['requests']} (unfinished {s['unfinished']}), makespan {s['makespan_s']:.1f} s, "
         f"throughput {s['throughput_rps']:.2f} req/s, {s['output_tokens_per_s']:.0f} output tok/s",
         f"{'metric (ms)':<12}{'mean':>10}{'p50':>10}{'p90':>10}{'p95':>10}{'p99':>10}",
@@ -155,7 +182,9 @@ def _format_summary(model: str, gpu: str, args: argparse.Namespace, s: dict) -> 
     for key, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")):
         d = s[key]
         lines.append(f"{label:<12}" + "".join(ms(d, k) for k in ("mean", "p50", "p90", "p95", "p99")))
-    lines.append(f"utilisation {s['stage_utilisation'][0]:.1%}, preemptions {s['preemptions']}, "
+    util = ", ".join(f"{u:.1%}" for u in s["stage_utilisation"])
+    shares = ", ".join(f"{x:.1%}" for x in s["stage_shares"])
+    lines.append(f"stage shares {shares}; utilisation {util}; preemptions {s['preemptions']}, "
                  f"prefix-cache hit tokens {s['prefix_hit_tokens']}")
     lines.append(f"simulated {s['iterations']} engine iterations, {s['requests']} requests in {s['sim_wall_s']:.2f} s "
                  f"({s['sim_requests_per_wall_s']:.0f} requests/s)")
@@ -200,11 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cascadia", description="Cascade LLM serving: plan, simulate and serve.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("simulate", help="simulate a deployment of one model serving a trace",
+    p = sub.add_parser("simulate", help="simulate one model's deployment, or a plan, serving a trace",
                        description="Discrete-event simulation of vLLM-style continuous batching: replicas of one "
-                                   "model behind a least-outstanding-work dispatcher serve a trace; prints latency "
-                                   "percentiles and throughput.")
-    p.add_argument("--model", required=True, help="catalog name (see `cascadia catalog`) or a config.json path")
+                                   "model (or every stage of a plan's cascade) behind least-outstanding-work "
+                                   "dispatchers serve a trace; prints latency percentiles and throughput.")
+    p.add_argument("--model", help="catalog name (see `cascadia catalog`) or a config.json path")
+    p.add_argument("--plan", help="simulate a plan file from `cascadia plan` instead of one model's layout flags")
+    p.add_argument("--seed", type=int, default=0, help="with --plan: seed of which requests escalate (default 0)")
     p.add_argument("--gpu", default="H100", help="H100, H200, A100-80G, L40S or cpu (default H100)")
     p.add_argument("--replicas", type=int, default=1, help="number of replicas (default 1)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per replica (default 1)")
