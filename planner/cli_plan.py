@@ -45,6 +45,11 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--solver", choices=["cbc", "highs"], default="cbc", help="MILP solver (default cbc)")
     p.add_argument("--judge-latency-ms", type=float, default=0.0,
                    help="time the judge adds after every judged stage (default 0)")
+    p.add_argument("--judge-model", metavar="MODEL",
+                   help="the live judge is an LLM served by this cascade model: its judging requests count in "
+                        "that model's workload and in the predicted latency (default: a judge outside the pool)")
+    p.add_argument("--judge-output-tokens", type=int, default=8,
+                   help="with --judge-model: tokens the judge writes per verdict (default 8, a rating)")
     p.add_argument("--share-quantum", type=float, default=0.05,
                    help="stage shares are rounded up to this for tables and MILPs (default 0.05)")
     p.add_argument("--cache-dir", help="latency-table cache (default $CASCADIA_CACHE/tables or ~/.cache/cascadia)")
@@ -143,6 +148,9 @@ def format_plan(plan, trace_name: str, wall_s: float) -> str:
         f"{q.all_stop_first:.1f}) -- {label}: {q.source}; {q.scale}; mapping {mapping}",
         f"predicted end-to-end p95 {_fmt_s(pr.e2e_p95_s)} s (full-cascade simulation), max stage p95 "
         f"{_fmt_s(pr.max_stage_p95_s)} s, max sustainable rate {_fmt_s(pr.max_sustainable_rate_rps)} req/s",
+        (f"judge: an LLM served by {plan.judge.served_by}: {plan.judge.prompt_overhead_tokens}-token template + "
+         f"question + answer in, {plan.judge.output_tokens} tokens out per verdict, in that stage's load"
+         if plan.judge.served_by else f"judge: {plan.judge.name}, {plan.judge.latency_s * 1e3:g} ms per verdict"),
         f"solver {pr.solver} {pr.solver_status}: objective {_fmt_s(pr.solver_objective_s)} s, bound "
         f"{_fmt_s(pr.solver_bound_s)} s, gap {pr.solver_gap:.2%}",
         f"search: {st.get('threshold_grid_points', 0):.0f} threshold-grid points, "
@@ -198,6 +206,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.judge_latency_ms < 0:
         raise UsageError("--judge-latency-ms must be >= 0")
     models = _models(args.cascade)
+    if args.judge_model and args.judge_model not in [m.name for m in models]:
+        raise UsageError(f"--judge-model {args.judge_model!r} is not in the cascade {[m.name for m in models]}")
+    if args.judge_output_tokens < 1:
+        raise UsageError("--judge-output-tokens must be >= 1")
     try:
         cluster = parse_cluster(args.cluster)
     except SpecError as e:
@@ -210,7 +222,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     opts = PlannerOptions(objective=args.objective, solver=args.solver, share_quantum=args.share_quantum,
                           seed=args.seed, cache_dir=args.cache_dir, processes=args.processes)
     judge = JudgeInfo(name=f"profile judge ({source.kind}: {source.source})", score_low=0.0, score_high=100.0,
-                      latency_s=args.judge_latency_ms / 1e3)
+                      latency_s=args.judge_latency_ms / 1e3, served_by=args.judge_model or None,
+                      output_tokens=args.judge_output_tokens)
     progress = _Progress(args.no_progress)
     try:
         result = plan(models, cluster, trace, profile, args.q_min, quality_source=source, judge=judge,

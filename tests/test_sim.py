@@ -156,3 +156,24 @@ def test_visits_from_shares_and_from_profile():
     tr = trace_of(np.arange(50) * 2.0, [100] * 50, [10] * 50)
     res = simulate(tr, [one_stage(), one_stage()], visits=visits[:50])
     np.testing.assert_array_equal(res.final_stage, visits[:50] - 1)
+
+
+def test_llm_judge_served_by_a_stage_adds_its_own_queueing():
+    from cascadia.sim.cluster import JudgeLoad
+
+    small, big = one_stage(), StageDeployment(get_model("llama-3-70b"), H100, (Layout(4),))
+    tr = trace_of([0.0], [300], [40])
+    fixed = simulate(tr, [small, big], visits=np.array([1]), judge_latency_s=0.0)
+    served = simulate(tr, [small, big], visits=np.array([1]), judge=JudgeLoad(stage=1, prompt_overhead_tokens=200,
+                                                                               output_tokens=8))
+    # the verdict waits for a 540-token prompt and 8 tokens on the 70B stage
+    im = IterationModel(get_model("llama-3-70b"), H100, Layout(4))
+    judge_s = im.iteration_time_s([(540, 0)], []) + sum(im.iteration_time_s([], [540 + j]) for j in range(7))
+    assert served.e2e_s[0] == pytest.approx(fixed.e2e_s[0] + judge_s, rel=1e-9)
+    assert served.engine_busy_s[1] > 0 and fixed.engine_busy_s[1] == 0
+    # escalated requests are judged once (stage 0), then stage 1 answers unjudged
+    both = simulate(trace_of([0.0, 0.0], [300, 300], [40, 40]), [small, big], visits=np.array([1, 2]),
+                    judge=JudgeLoad(stage=1))
+    assert np.all(np.isfinite(both.e2e_s)) and both.final_stage.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="judge stage"):
+        simulate(tr, [small, big], judge=JudgeLoad(stage=2))

@@ -42,7 +42,7 @@ class SimResult:
     wall_s: float
 
     @classmethod
-    def build(cls, *, trace: Trace, visits, n_stages, judge_latency_s, stage_start, stage_first, stage_finish,
+    def build(cls, *, trace: Trace, visits, n_stages, stage_start, stage_first, stage_finish, stage_released,
               preempted, rejected, engine_names, engine_busy_s, engine_stage, iterations, events, prefix_hit_tokens,
               wall_s) -> "SimResult":
         n = len(trace)
@@ -51,7 +51,7 @@ class SimResult:
         first = stage_first[idx, final]
         finish = stage_finish[idx, final]
         held = final < n_stages - 1  # answered by a judged stage: released after the judge
-        release = np.where(held, finish + judge_latency_s, finish)
+        release = np.where(held, stage_released[idx, final], finish)
         arrival = trace.arrival_s.astype(np.float64)
         ttft = np.where(held, release, first) - arrival
         e2e = release - arrival
