@@ -25,7 +25,6 @@ likely cascade order, but a caller with a cascade spec should ``restrict()`` to 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+
+from cascadia.jsonl import read_jsonl
 
 from cascadia.quality.profile import QualityFormatError, QualityProfile
 
@@ -285,18 +286,11 @@ def load_mtbench_prompts(path: str | Path | None = None) -> dict[str, str]:
     """
     path = builtin_profile_path("mtbench-questions") if path is None else Path(path)
     prompts: dict[str, str] = {}
-    with open(path, encoding="utf-8-sig") as fh:
-        for line, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise QualityFormatError(path, line, f"bad JSON: {err.msg}") from None
-            if not isinstance(obj, dict) or "question_id" not in obj or not isinstance(obj.get("turns"), list):
-                raise QualityFormatError(path, line, "needs 'question_id' and a 'turns' list")
-            for k, turn in enumerate(obj["turns"], start=1):
-                prompts[f"{obj['question_id']}-{k}"] = str(turn)
+    for line, obj in read_jsonl(path, QualityFormatError):
+        if not isinstance(obj, dict) or "question_id" not in obj or not isinstance(obj.get("turns"), list):
+            raise QualityFormatError(path, line, "needs 'question_id' and a 'turns' list")
+        for k, turn in enumerate(obj["turns"], start=1):
+            prompts[f"{obj['question_id']}-{k}"] = str(turn)
     if not prompts:
         raise QualityFormatError(path, None, "file is empty")
     return prompts

@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from cascadia.jsonl import read_jsonl
+
 from cascadia.traces.trace import Trace, TraceFormatError, poisson_arrivals, scale_rate
 
 # ShareGPT has no token counts. ~4 characters per token is the usual rule of thumb for
@@ -173,34 +175,27 @@ def _load_mooncake(path: Path) -> _Records:
     records = _Records(path)
     hashes: list[tuple[int, ...]] = []
     has_hashes: bool | None = None
-    with open(path, encoding="utf-8-sig") as fh:
-        for line, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise TraceFormatError(path, line, f"bad JSON: {err.msg}") from None
-            if not isinstance(obj, dict):
-                raise TraceFormatError(path, line, f"expected a JSON object, got {type(obj).__name__}")
-            time_s = _seconds(_json_field(obj, "timestamp", path, line), "timestamp", path, line, 1e-3)
-            n_in = _token_count(str(_json_field(obj, "input_length", path, line)), "input_length", path, line)
-            n_out = _token_count(str(_json_field(obj, "output_length", path, line)), "output_length", path, line)
-            line_has = "hash_ids" in obj
-            if has_hashes is None:
-                has_hashes = line_has
-            elif line_has != has_hashes:
-                raise TraceFormatError(path, line, "hash_ids must be on every line or on none")
-            block = ()
-            if line_has:
-                raw = obj["hash_ids"]
-                if not isinstance(raw, list) or not all(
-                    isinstance(h, int) and not isinstance(h, bool) for h in raw
-                ):
-                    raise TraceFormatError(path, line, "hash_ids is not a list of integers")
-                block = tuple(raw)
-            if records.keep(line, time_s, n_in, n_out):
-                hashes.append(block)
+    for line, obj in read_jsonl(path, TraceFormatError):
+        if not isinstance(obj, dict):
+            raise TraceFormatError(path, line, f"expected a JSON object, got {type(obj).__name__}")
+        time_s = _seconds(_json_field(obj, "timestamp", path, line), "timestamp", path, line, 1e-3)
+        n_in = _token_count(str(_json_field(obj, "input_length", path, line)), "input_length", path, line)
+        n_out = _token_count(str(_json_field(obj, "output_length", path, line)), "output_length", path, line)
+        line_has = "hash_ids" in obj
+        if has_hashes is None:
+            has_hashes = line_has
+        elif line_has != has_hashes:
+            raise TraceFormatError(path, line, "hash_ids must be on every line or on none")
+        block = ()
+        if line_has:
+            raw = obj["hash_ids"]
+            if not isinstance(raw, list) or not all(
+                isinstance(h, int) and not isinstance(h, bool) for h in raw
+            ):
+                raise TraceFormatError(path, line, "hash_ids is not a list of integers")
+            block = tuple(raw)
+        if records.keep(line, time_s, n_in, n_out):
+            hashes.append(block)
     if has_hashes is None:
         raise TraceFormatError(path, None, "file is empty (no JSON lines)")
     if has_hashes:
