@@ -11,6 +11,7 @@ Latency tables go through the planner's on-disk cache ($CASCADIA_CACHE, default
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -50,11 +51,13 @@ def build_systems(sc: Scenario, plan_trace: Trace, settings: Settings, objective
     for system in SYSTEMS:
         t0 = time.perf_counter()
         if system == "single":
-            dep = single_model(models, cluster, plan_trace, profile, sc.q_min, cache_dir=cache_dir, processes=2)
+            dep = single_model(models, cluster, plan_trace, profile, sc.q_min, cache_dir=cache_dir, processes=2,
+                               table_requests=settings.table_requests)
         elif system == "cascadeserve":
             dep = cascadeserve(models, cluster, profile, sc.q_min)
         else:
-            dep = planned(system, models, cluster, plan_trace, profile, source, sc.q_min, opts)
+            dep = planned(system, models, cluster, plan_trace, profile, source, sc.q_min, opts,
+                          table_requests=settings.table_requests)
         out[system] = dep
         what = dep.describe() if isinstance(dep, Deployment) else f"INFEASIBLE: {dep.reason}"
         log(f"  {system:<14} {time.perf_counter() - t0:6.1f} s  {what}")
@@ -164,8 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--objective", default="max-stage", choices=("max-stage", "end-to-end"),
                     help="Cascadia's deployment objective (the paper's is max-stage)")
     ap.add_argument("--cache-dir", default=None, help="latency-table cache (default: the planner's)")
+    ap.add_argument("--table-requests", type=int, default=None,
+                    help="requests per stage trace in the latency tables (default 2048; the planner's own is 256)")
     args = ap.parse_args(argv)
     settings = Settings.quick_settings() if args.quick else Settings()
+    if args.table_requests:
+        settings = dataclasses.replace(settings, table_requests=args.table_requests)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     doc = run(settings, args.objective, args.cache_dir, lambda s: print(s, file=sys.stderr, flush=True))

@@ -18,6 +18,7 @@ simulated.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -104,11 +105,17 @@ def _from_plan(system: str, p: Plan, gpu: GPUSpec, gpus_per_node: int) -> Deploy
 
 
 def planned(system: str, models: Sequence[ModelSpec], cluster: ClusterSpec, trace: Trace, profile: QualityProfile,
-            source: QualitySource, q_min: float, options: PlannerOptions) -> Deployment | Infeasible:
-    """Cascadia (``system == "cascadia"``) or one of its ablations, through the planner."""
+            source: QualitySource, q_min: float, options: PlannerOptions,
+            table_requests: int = parallelism.DEFAULT_MAX_REQUESTS) -> Deployment | Infeasible:
+    """Cascadia (``system == "cascadia"``) or one of its ablations, through the planner.
+    ``table_requests``: how many requests of each stage's trace the latency tables simulate
+    (the planner's latency_table cuts to its first ``max_requests``)."""
     backends = default_backends()
+    if table_requests != parallelism.DEFAULT_MAX_REQUESTS:
+        backends = dataclasses.replace(
+            backends, latency_table=functools.partial(parallelism.latency_table, max_requests=table_requests))
     if system == "no-par-search":
-        backends = dataclasses.replace(backends, latency_table=FixedShapeTable())
+        backends = dataclasses.replace(backends, latency_table=FixedShapeTable(max_requests=table_requests))
     elif system == "uniform":
         backends = dataclasses.replace(backends, solve=uniform_solve)
     elif system != "cascadia":
@@ -125,14 +132,15 @@ class FixedShapeTable:
     f GPUs hold floor(f / size) replicas of the model's fixed shape. Same simulator, same
     stage-trace cut and the same overload rule as the real table; memoised per instance."""
 
-    def __init__(self, min_gain: float = 0.02):
+    def __init__(self, min_gain: float = 0.02, max_requests: int = parallelism.DEFAULT_MAX_REQUESTS):
         self.min_gain = min_gain
+        self.max_requests = max_requests
         self.memo: dict[str, dict[int, LayoutOption]] = {}
 
     def __call__(self, model: ModelSpec, gpu: GPUSpec, trace_for_stage: Trace, *, max_gpus: int, gpus_per_node: int,
                  engine: EngineConfig = EngineConfig(), cache_dir=None, processes=None,
                  stats: TableStats | None = None) -> dict[int, LayoutOption]:
-        cap = parallelism.DEFAULT_MAX_REQUESTS
+        cap = self.max_requests
         trace = trace_for_stage.select(slice(0, cap)) if len(trace_for_stage) > cap else trace_for_stage
         key = parallelism.table_key(model, gpu, trace, max_gpus=max_gpus, gpus_per_node=gpus_per_node, engine=engine,
                                     efficiency=None, min_gain=self.min_gain)
@@ -145,40 +153,48 @@ class FixedShapeTable:
         return table
 
     def _build(self, model, gpu, shape, trace, max_gpus, gpus_per_node, engine, stats) -> dict[int, LayoutOption]:
+        """Add replicas until the p95 is within min_gain of the shape's unloaded floor (every
+        request served alone), the planner's stopping rule; fewer GPUs fill the rest."""
         table: dict[int, LayoutOption] = {}
+        floor, alone_s = 0.0, np.ones(len(trace))
+        if len(trace):
+            alone = Trace("alone", np.arange(len(trace)) * 1e6, trace.input_tokens, trace.output_tokens)
+            alone_s = simulate(alone, StageDeployment(model, gpu, (shape,), engine, None, gpus_per_node)).e2e_s
+            floor = float(np.percentile(alone_s, 95))
         best: LayoutOption | None = None
         for k in range(1, max_gpus // shape.n_gpus + 1):
-            layouts = (shape,) * k
-            if len(trace) == 0:
-                option = LayoutOption(model.name, gpu.name, k * shape.n_gpus, layouts, 0.0, 0.0, math.nan)
-            else:
-                option = _simulated_option(model, gpu, layouts, trace, gpus_per_node, engine)
-                if stats is not None:
-                    stats.simulations += 1
-            improved = best is None or option.p95_latency_s < best.p95_latency_s
-            if improved:
-                gain = (best.p95_latency_s - option.p95_latency_s) / best.p95_latency_s if best else math.inf
-                best = option
+            if best is None or best.overloaded or best.p95_latency_s > floor * (1 + self.min_gain):
+                layouts = (shape,) * k
+                if len(trace) == 0:
+                    option = LayoutOption(model.name, gpu.name, k * shape.n_gpus, layouts, 0.0, 0.0, math.nan)
+                else:
+                    option = _simulated_option(model, gpu, layouts, trace, gpus_per_node, engine, alone_s)
+                    if stats is not None:
+                        stats.simulations += 1
+                if best is None or option.p95_latency_s < best.p95_latency_s:
+                    best = option
             for f in range(k * shape.n_gpus, min((k + 1) * shape.n_gpus, max_gpus + 1)):
                 table[f] = dataclasses.replace(best, n_gpus=f)
-            if len(trace) == 0 or (not best.overloaded and (not improved or gain < self.min_gain)):
-                for f in range((k + 1) * shape.n_gpus, max_gpus + 1):  # more replicas no longer help
-                    table[f] = dataclasses.replace(best, n_gpus=f)
-                break
         return table
 
 
-def _simulated_option(model, gpu, layouts, trace, gpus_per_node, engine) -> LayoutOption:
+def _simulated_option(model, gpu, layouts, trace, gpus_per_node, engine, alone_s) -> LayoutOption:
+    """One layout simulated on the stage trace. Backlog rule: the median *slowdown* (e2e over
+    the request's unloaded latency) of the last quarter of arrivals is over twice that of
+    the first quarter and latency rose by more than a tenth of the window. The planner's rule
+    compares raw latencies, which flags a lightly loaded layout when later requests are
+    simply longer and passes a layout already backlogged from the start."""
     res = simulate(trace, StageDeployment(model, gpu, layouts, engine, None, gpus_per_node))
     n = sum(lay.n_gpus for lay in layouts)
     if res.n_unfinished:
         penalty = parallelism.OVERLOADED_LATENCY_S * (1.0 + res.n_unfinished / len(trace)) * 2
         return LayoutOption(model.name, gpu.name, n, layouts, penalty, penalty, math.nan, True)
     e2e = res.e2e_s
+    slow = e2e / alone_s
     quarter = max(1, len(e2e) // 4)
-    early, late = float(np.median(e2e[:quarter])), float(np.median(e2e[-quarter:]))
+    rise = float(np.median(e2e[-quarter:]) - np.median(e2e[:quarter]))
     p95, mean = float(np.percentile(e2e, 95)), float(np.mean(e2e))
-    if late > 2.0 * early and late - early > 0.1 * trace.duration_s:  # the planner's backlog rule
+    if np.median(slow[-quarter:]) > 2.0 * np.median(slow[:quarter]) and rise > 0.1 * trace.duration_s:
         return LayoutOption(model.name, gpu.name, n, layouts, parallelism.OVERLOADED_LATENCY_S + p95,
                             parallelism.OVERLOADED_LATENCY_S + mean, math.nan, True)
     return LayoutOption(model.name, gpu.name, n, layouts, p95, mean, math.nan)
@@ -212,7 +228,8 @@ def uniform_solve(problem: milp.DeploymentProblem, solver: str = "cbc",
 # ---- single model ----
 def single_model(models: Sequence[ModelSpec], cluster: ClusterSpec, trace: Trace, profile: QualityProfile,
                  q_min: float, *, engine: EngineConfig = EngineConfig(), cache_dir: str | None = None,
-                 processes: int | None = None) -> Deployment | Infeasible:
+                 processes: int | None = None,
+                 table_requests: int = parallelism.DEFAULT_MAX_REQUESTS) -> Deployment | Infeasible:
     """Of the cascade's models whose own mean quality meets ``q_min``, the one with the
     lowest predicted p95 on all the cluster's GPUs with its best layout."""
     means = profile.quality_scores.mean(axis=0)
@@ -223,7 +240,7 @@ def single_model(models: Sequence[ModelSpec], cluster: ClusterSpec, trace: Trace
             continue
         table = parallelism.latency_table(m, pool.gpu, trace, max_gpus=cluster.n_gpus,
                                           gpus_per_node=pool.gpus_per_node, engine=engine, cache_dir=cache_dir,
-                                          processes=processes)
+                                          processes=processes, max_requests=table_requests)
         option = table.get(cluster.n_gpus)
         if option is not None and (best is None or option.p95_latency_s < best[0]):
             best = (option.p95_latency_s, i, option)
