@@ -3,7 +3,7 @@
 The deployment MILP's `end-to-end` objective minimises sum_i share_i * p95_i (a surrogate:
 the p95 of a request's latency summed over the stages it visits is not linear in the
 choices). On small instances -- the 2-stage Llama-3 8B -> 70B cascade on 6 and 8 H100 of one
-node, Azure conv and code windows, stage-2 shares 0.2 and 0.5 -- this compares, by the
+node and 16 H100 in two nodes, Azure conv and code windows, stage-2 shares 0.2, 0.35, 0.5 -- this compares, by the
 end-to-end p95 of a full-cascade simulation (pooled over 3 seeds, as the planner predicts):
 
 - surrogate: the MILP's optimum (what the planner takes for a share vector);
@@ -37,9 +37,9 @@ from planner import milp
 from planner.parallelism import latency_table, stage_trace
 
 CASCADE = ("llama-3-8b", "llama-3-70b")
-CLUSTERS = ("1x6xH100", "1x8xH100")
+CLUSTERS = ("1x6xH100", "1x8xH100", "2x8xH100")
 TRACES = {"azure-conv": 2.0, "azure-code": 1.5}  # arrival speedup for 8 GPUs (scaled by GPUs / 8)
-SHARES = (0.2, 0.5)
+SHARES = (0.2, 0.35, 0.5)
 SEEDS = 3
 
 
@@ -91,8 +91,8 @@ def instance(cluster_text: str, trace_name: str, share2: float, span: tuple[floa
             "rate_rps": trace.mean_rate_rps, "surrogate_p95_s": surrogate, "rescored_p95_s": rescored,
             "brute_p95_s": brute, "feasible_combos": n_feasible, "distinct_deployments": len(memo),
             "milp_top3_s": milp_s,
-            "surrogate_choice": " | ".join("+".join(l.describe() for l in c.layouts) for c in top[0].choices),
-            "brute_choice": " | ".join("+".join(l.describe() for l in lays) for lays in best_key)}
+            "surrogate_choice": " / ".join("+".join(l.describe() for l in c.layouts) for c in top[0].choices),
+            "brute_choice": " / ".join("+".join(l.describe() for l in lays) for lays in best_key)}
 
 
 def gap(x: float, best: float) -> float:
