@@ -3,8 +3,9 @@
 The deployment MILP's `end-to-end` objective minimises sum_i share_i * p95_i (a surrogate:
 the p95 of a request's latency summed over the stages it visits is not linear in the
 choices). On small instances -- the 2-stage Llama-3 8B -> 70B cascade on 6 and 8 H100 of one
-node and 16 H100 in two nodes, Azure conv and code windows, stage-2 shares 0.2, 0.35, 0.5 -- this compares, by the
-end-to-end p95 of a full-cascade simulation (pooled over 3 seeds, as the planner predicts):
+node and 16 H100 in two nodes, Azure conv and code windows, stage-2 shares 0.2, 0.35 and
+0.5 -- this compares, by the end-to-end p95 of a full-cascade simulation (pooled over 3
+seeds, as the planner predicts):
 
 - surrogate: the MILP's optimum (what the planner takes for a share vector);
 - top-3 + re-score: the MILP's 3 best distinct deployments, each simulated, the best kept;
