@@ -1,0 +1,253 @@
+"""The cascade state machine: stage 1 answers, the judge scores, the stage's threshold
+decides; a rejected answer goes to the next stage; the last stage always answers.
+
+A stage's backend is anything implementing the Engine protocol (router/protocol.py): a
+single engine or a ReplicaPool. The cascade never thresholds inside the judge.
+
+Streaming and its TTFT cost. An answer that may still be escalated cannot be shown:
+the client would see text that is then replaced. So a judged stage's output is *held*
+until its judge has scored it; only the accepted stage's output reaches the client. For
+a request answered by stage k the first token therefore arrives after
+    sum over stages j < k of (full generation_j + judge_j) + generation_k up to its TTFT
+    (+ judge_k when stage k is not the last: it is held too),
+i.e. a stage-1-accepted streaming request waits for the whole stage-1 answer and the
+judge. A client that opts out of escalation (``escalate=False``; the server maps
+``"cascade": {"escalate": false}`` or the header ``x-cascadia-escalate: false``) gets
+stage 1 streamed at once, with no judge: plain single-model TTFT.
+
+Cancelling ``run`` or closing ``stream`` (client disconnect) aborts the engine request
+in flight, including one whose output is being held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, AsyncIterator, Sequence
+
+from router.judges import Answer, Judge
+from router.protocol import GenerateRequest
+
+if TYPE_CHECKING:
+    from router.protocol import Engine, TokenChunk
+
+
+@dataclass(frozen=True)
+class Stage:
+    """``threshold``: accept when score >= threshold; None for the last stage."""
+
+    name: str
+    pool: "Engine"
+    threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class CascadeRequest:
+    """One client request, before a stage's chat template is applied. Exactly one of
+    ``messages`` (chat) and ``prompt`` (completion) is set."""
+
+    request_id: str
+    max_tokens: int
+    messages: tuple[dict, ...] | None = None
+    prompt: str | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+    escalate: bool = True
+
+    @property
+    def question(self) -> str:
+        if self.messages:
+            users = [m for m in self.messages if m.get("role") == "user"]
+            return str((users or list(self.messages))[-1].get("content", ""))
+        return self.prompt or ""
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class StageVisit:
+    """One stage's work on a request. ``score`` is None when the stage was not judged
+    (last stage, or escalation opted out); non-finite when the judge failed."""
+
+    stage_index: int
+    stage_name: str
+    score: float | None
+    accepted: bool
+    generate_s: float
+    judge_s: float
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Timings:
+    ttft_s: float  # request start -> first token released to the client
+    e2e_s: float
+    judge_s: float  # summed over judged stages
+
+
+@dataclass(frozen=True)
+class CascadeResult:
+    text: str
+    stage_index: int
+    stage_name: str
+    scores: tuple[float, ...]  # one per judged stage, in stage order
+    usage: Usage  # the answering stage's tokens (what the client receives)
+    timings: Timings
+    finish_reason: str
+    visits: tuple[StageVisit, ...] = ()
+
+    @property
+    def escalations(self) -> int:
+        return self.stage_index
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """A piece of the accepted answer. Every delta names the answering stage; the last one
+    has ``finished`` set and carries ``result``."""
+
+    text: str
+    stage_index: int
+    stage_name: str
+    scores: tuple[float, ...]
+    finished: bool = False
+    result: CascadeResult | None = None
+
+
+@dataclass
+class _StageOutput:
+    chunks: list = field(default_factory=list)
+    prompt_tokens: int = 0
+    first_token_s: float | None = None
+    finish_reason: str = "stop"
+
+    @property
+    def text(self) -> str:
+        return "".join(c.text for c in self.chunks)
+
+    def answer(self, question: str) -> Answer:
+        return Answer(text=self.text, token_ids=tuple(t for c in self.chunks for t in c.token_ids),
+                      logprobs=tuple(lp for c in self.chunks for lp in c.logprobs),
+                      finish_reason=self.finish_reason, question=question)
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(self.prompt_tokens, sum(len(c.token_ids) for c in self.chunks))
+
+
+class Cascade:
+    def __init__(self, stages: Sequence[Stage], judge: Judge | None, *, clock=time.perf_counter):
+        if not stages:
+            raise ValueError("a cascade needs at least one stage")
+        for i, s in enumerate(stages[:-1]):
+            if s.threshold is None or math.isnan(s.threshold):
+                raise ValueError(f"stage {i} ({s.name}) is not the last: it needs a threshold")
+        if len(stages) > 1 and judge is None:
+            raise ValueError("a cascade of more than one stage needs a judge")
+        self.stages = tuple(stages)
+        self.judge = judge
+        self.clock = clock
+        self.in_flight = [0] * len(stages)  # requests inside each stage (queue depth gauge)
+
+    @property
+    def max_model_len(self) -> int:
+        return min(s.pool.max_model_len for s in self.stages)
+
+    async def _stage_request(self, i: int, req: CascadeRequest):
+        pool = self.stages[i].pool
+        prompt = await pool.chat_prompt(list(req.messages)) if req.messages is not None else req.prompt or ""
+        return GenerateRequest(request_id=f"{req.request_id}-s{i}", prompt=prompt, max_tokens=req.max_tokens,
+                               temperature=req.temperature, top_p=req.top_p, stop=req.stop, seed=req.seed,
+                               ignore_eos=req.ignore_eos, logprobs=True)
+
+    async def _generate(self, i: int, gen_req) -> AsyncIterator["TokenChunk"]:
+        """The stage's chunks; an abandoned or cancelled generation is aborted in the engine."""
+        pool = self.stages[i].pool
+        finished = False
+        self.in_flight[i] += 1
+        try:
+            async for chunk in pool.generate(gen_req):
+                finished = finished or chunk.finished
+                yield chunk
+        finally:
+            self.in_flight[i] -= 1
+            if not finished:
+                # shield: the abort must reach the engine even while we are being cancelled
+                await asyncio.shield(pool.abort(gen_req.request_id))
+
+    def _judged(self, i: int, req: CascadeRequest) -> bool:
+        return req.escalate and i < len(self.stages) - 1
+
+    async def _score(self, gen_req, out: _StageOutput, req: CascadeRequest) -> tuple[float, float]:
+        start = self.clock()
+        score = await self.judge.score(gen_req, out.answer(req.question))
+        return score, self.clock() - start
+
+    async def run(self, req: CascadeRequest) -> CascadeResult:
+        final = None
+        async for delta in self.stream(req):
+            final = delta.result if delta.finished else final
+        assert final is not None
+        return final
+
+    async def stream(self, req: CascadeRequest) -> AsyncIterator[StreamDelta]:
+        """Deltas of the accepted stage's answer (see the module docstring for holding)."""
+        start = self.clock()
+        scores: list[float] = []
+        visits: list[StageVisit] = []
+        ttft_s = None
+        judge_total_s = 0.0
+        for i, stage in enumerate(self.stages):
+            gen_req = await self._stage_request(i, req)
+            out = _StageOutput()
+            held = self._judged(i, req)
+            stage_start = self.clock()
+            chunks = self._generate(i, gen_req)
+            try:
+                async for chunk in chunks:
+                    if chunk.prompt_tokens is not None:
+                        out.prompt_tokens = chunk.prompt_tokens
+                    if chunk.finished:
+                        out.finish_reason = chunk.finish_reason or "stop"
+                    out.chunks.append(chunk)
+                    if not held and chunk.text:
+                        ttft_s = self.clock() - start if ttft_s is None else ttft_s
+                        yield StreamDelta(chunk.text, i, stage.name, tuple(scores))
+            finally:
+                await chunks.aclose()
+            generate_s = self.clock() - stage_start
+            if not held:
+                visits.append(StageVisit(i, stage.name, None, True, generate_s, 0.0, out.usage))
+                break
+            score, judge_s = await self._score(gen_req, out, req)
+            judge_total_s += judge_s
+            scores.append(score)
+            accepted = score >= stage.threshold
+            visits.append(StageVisit(i, stage.name, score, accepted, generate_s, judge_s, out.usage))
+            if accepted:
+                for chunk in out.chunks:  # release the held answer
+                    if chunk.text:
+                        ttft_s = self.clock() - start if ttft_s is None else ttft_s
+                        yield StreamDelta(chunk.text, i, stage.name, tuple(scores))
+                break
+        answered = visits[-1]
+        now = self.clock()
+        result = CascadeResult(
+            text=out.text, stage_index=answered.stage_index, stage_name=answered.stage_name, scores=tuple(scores),
+            usage=answered.usage, timings=Timings(ttft_s if ttft_s is not None else now - start, now - start,
+                                                  judge_total_s),
+            finish_reason=out.finish_reason, visits=tuple(visits))
+        yield StreamDelta("", answered.stage_index, answered.stage_name, tuple(scores), finished=True, result=result)
