@@ -134,6 +134,7 @@ class GenerationParams:
     top_p: float = 1.0
     seed: int | None = None
     detokenize: bool = True
+    stop: tuple[str, ...] = ()  # stop strings (not included in the output)
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,7 @@ def sampling_params(
     seed: int | None = None,
     stream_deltas: bool = True,
     detokenize: bool = True,
+    stop: Sequence[str] = (),
 ) -> Any:
     """vLLM SamplingParams. `logprobs=0` returns the sampled token's logprob only;
     `stream_deltas` makes each streamed output carry only the new tokens."""
@@ -191,6 +193,7 @@ def sampling_params(
         top_p=top_p,
         seed=seed,
         detokenize=detokenize,
+        stop=list(stop) or None,
         output_kind=RequestOutputKind.DELTA if stream_deltas else RequestOutputKind.FINAL_ONLY,
     )
 
@@ -349,7 +352,7 @@ class AsyncEngine:
         vllm_params = sampling_params(
             params.max_tokens, ignore_eos=params.ignore_eos, logprobs=params.logprobs,
             temperature=params.temperature, top_p=params.top_p, seed=params.seed,
-            detokenize=params.detokenize, stream_deltas=True,
+            detokenize=params.detokenize, stream_deltas=True, stop=params.stop,
         )
         try:
             async for out in self._llm.generate(vllm_prompt, vllm_params, request_id):
@@ -359,6 +362,33 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
+
+    def _tokenizer(self) -> Any:
+        if self._llm is None:
+            raise EngineError("the engine has been shut down")
+        return self._llm.get_tokenizer()
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]]) -> str:
+        """The prompt text for chat `messages` under the model's own chat template, ending
+        with the assistant's turn opened (the engine adds no special tokens of its own to
+        text that already carries them)."""
+        text = self._tokenizer().apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        if not isinstance(text, str):
+            raise EngineError(f"{self.settings.model}: the chat template did not return text")
+        return text
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens the engine will see for prompt `text` (its tokenizer, special tokens included)."""
+        return len(self._tokenizer().encode(text))
+
+    async def check_health(self) -> bool:
+        if self._llm is None:
+            return False
+        try:
+            await self._llm.check_health()
+        except Exception:  # a dead engine core raises its own error type
+            return False
+        return True
 
     def shutdown(self) -> None:
         llm, self._llm = self._llm, None
