@@ -37,11 +37,12 @@ def wait_for_quiet_machine(poll_s: float = 30.0) -> None:
         time.sleep(poll_s)
 
 
-def run_plan(cluster: str, time_scale: float, window: str, cache: str, out: Path, q_min: float) -> dict:
+def run_plan(cluster: str, time_scale: float, window: str, cache: str, out: Path, q_min: float,
+             solver: str = "cbc") -> dict:
     cmd = [sys.executable, "-m", "cascadia", "plan", "--cascade", CASCADE, "--cluster", cluster,
            "--trace", "azure-conv", "--window", window, "--time-scale", str(time_scale),
            "--synthetic-quality", "70,80,90", "--seed", "7", "--q-min", str(q_min), "--out", str(out),
-           "--no-progress"]
+           "--solver", solver, "--no-progress"]
     env = dict(os.environ, CASCADIA_CACHE=cache)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -58,11 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--window", default="0:300", help="trace window START:END (original seconds)")
     ap.add_argument("--q-min", type=float, default=85.0)
-    ap.add_argument("--repeats", type=int, default=1, help="warm runs per cluster (the best is compared)")
+    ap.add_argument("--repeats", type=int, default=1, help="warm runs per cluster")
+    ap.add_argument("--solver", choices=("cbc", "highs"), default="cbc", help="MILP solver (the CLI's default: cbc)")
     args = ap.parse_args(argv)
     wait_for_quiet_machine()
     print(f"cores: {os.cpu_count()}; cascade {CASCADE}; azure-conv window {args.window}; synthetic quality "
-          f"70/80/90 (seed 7); q_min {args.q_min:g}")
+          f"70/80/90 (seed 7); q_min {args.q_min:g}; solver {args.solver}")
     print("| GPUs | cache | wall s | target s | pass | table sims | table cache hits | latency tables | "
           "grid points | routing evals | MILP solves | cascade sims | planner wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             for label, target in (("cold", cold_target),) + (("warm", warm_target),) * args.repeats:
                 wait_for_quiet_machine()
-                r = run_plan(cluster, scale, args.window, cache, Path(cache) / f"plan-{label}.json", args.q_min)
+                r = run_plan(cluster, scale, args.window, cache, Path(cache) / f"plan-{label}.json", args.q_min,
+                             args.solver)
                 runs.append((label, target, r))
             for label, target, r in runs:
                 s = r["search"]

@@ -120,9 +120,13 @@ def plot(doc: dict, slo_path: Path, rate_path: Path) -> None:
         panels = [(g, rows) for g, rows in groups.items() if any(key in v for r in rows for v in r["systems"].values())]
         if not panels:
             continue
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+        ncols = min(3, len(panels))
+        nrows = math.ceil(len(panels) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
         width = 0.8 / len(SYSTEMS)
-        for ax, ((cascade, quality, trace), rows) in zip(axes[0], panels):
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        for ax, ((cascade, quality, trace), rows) in zip(axes.flat, panels):
             xs = np.arange(len(rows))
             for j, s in enumerate(SYSTEMS):
                 vals = [r["systems"].get(s, {}).get(key) for r in rows]
@@ -130,12 +134,33 @@ def plot(doc: dict, slo_path: Path, rate_path: Path) -> None:
                         for v in vals]
                 ax.bar(xs + (j - (len(SYSTEMS) - 1) / 2) * width, vals, width, label=LABELS[s])
             ax.set_xticks(xs, [f"α={r['scenario']['alpha']:g}" for r in rows])
-            ax.set_title(f"{cascade} / {trace}\n{quality}" + (" (synthetic)" if quality == "synthetic" else ""),
+            ax.set_title(f"{cascade} / {trace}\n{quality.upper() if quality == 'synthetic' else quality} quality",
                          fontsize=9)
             ax.set_ylabel(ylabel, fontsize=8)
             if key == "min_slo_scale":
                 ax.set_yscale("log")
-        axes[0][0].legend(fontsize=7)
+        axes.flat[0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Redraw the table and plots from a results JSON: python -m benchmarks.experiments.report FILE.json"""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("results", help="results.json written by run_all")
+    args = ap.parse_args(argv)
+    path = Path(args.results)
+    doc = json.loads(path.read_text())
+    stem = path.with_suffix("")
+    Path(f"{stem}.md").write_text(markdown(doc))
+    plot(doc, Path(f"{stem}_slo.png"), Path(f"{stem}_rate.png"))
+    print(f"wrote {stem}.md, {stem}_slo.png, {stem}_rate.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
