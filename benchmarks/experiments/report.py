@@ -36,6 +36,14 @@ def _num(x, fmt="{:.2f}") -> str:
     return fmt.format(x)
 
 
+def _ratio(row: dict, key: str) -> str:
+    """n/a when a ratio could not be formed (a system had no plan); inf when the other
+    system never reached 95% (its value is inf, stored as null in JSON)."""
+    if key not in row["ratios"]:
+        return "n/a"
+    return _num(row["ratios"][key])
+
+
 def _cell(res: dict, key: str, fmt="{:.2f}") -> str:
     if "infeasible" in res:
         return "n/a"
@@ -62,8 +70,7 @@ def markdown(doc: dict) -> str:
         sc = r["scenario"]
         cells = [_cell(r["systems"].get(s, {"infeasible": ""}), "min_slo_scale") for s in SYSTEMS]
         lines.append(f"| {sc['cascade']} | {sc['trace']} | {sc['quality']} | {sc['alpha']:g} | {sc['q_min']:.1f} | "
-                     + " | ".join(cells) + f" | {_num(r['ratios'].get('slo_vs_single'))}"
-                     f" | {_num(r['ratios'].get('slo_vs_cascadeserve'))} |")
+                     + " | ".join(cells) + f" | {_ratio(r, 'slo_vs_single')} | {_ratio(r, 'slo_vs_cascadeserve')} |")
     rate_rows = [r for r in doc["scenarios"] if any("max_rate_rps" in v for v in r["systems"].values())]
     if rate_rows:
         scale = doc["settings"]["rate_scale"]
@@ -76,8 +83,7 @@ def markdown(doc: dict) -> str:
             sc = r["scenario"]
             cells = [_cell(r["systems"].get(s, {"infeasible": ""}), "max_rate_rps", "{:.1f}") for s in SYSTEMS]
             lines.append(f"| {sc['cascade']} | {sc['trace']} | {sc['quality']} | {sc['alpha']:g} | "
-                         + " | ".join(cells) + f" | {_num(r['ratios'].get('rate_vs_single'))}"
-                         f" | {_num(r['ratios'].get('rate_vs_cascadeserve'))} |")
+                         + " | ".join(cells) + f" | {_ratio(r, 'rate_vs_single')} | {_ratio(r, 'rate_vs_cascadeserve')} |")
     lines += ["", "### Summary of Cascadia's ratios (max / mean over scenarios where both are finite)", "",
               "| rows | vs single (SLO) | vs CascadeServe-style (SLO) | vs single (rate) | "
               "vs CascadeServe-style (rate) |", "|---|---|---|---|---|"]
