@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['rescored_p95_s']:.2f} ({g3:+.1%}) | {r['surrogate_choice']} | {r['brute_choice']} |")
     g1s = [gap(r["surrogate_p95_s"], r["brute_p95_s"]) for r in rows]
     g3s = [gap(r["rescored_p95_s"], r["brute_p95_s"]) for r in rows]
-    print(f"surrogate gap: max {max(g1s):+.1%}, mean {np.mean(g1s):+.1%}, zero in {sum(g == 0 for g in g1s)}/{len(rows)}; "
+    print(f"surrogate gap: max {max(g1s):+.1%}, mean {np.mean(g1s):+.1%}, "
+          f"zero in {sum(g == 0 for g in g1s)}/{len(rows)}; "
           f"top-3 re-scored gap: max {max(g3s):+.1%}, mean {np.mean(g3s):+.1%}, zero in "
           f"{sum(g == 0 for g in g3s)}/{len(rows)}")
     return 0

@@ -128,7 +128,8 @@ def test_tiny_path_cascadeserve_and_fixed_shape_table_through_the_simulator(tiny
     prof = synthetic_profile([60, 90], seed=1, models=[m.name for m in models])
     dep = cascadeserve(models, parse_cluster("1x8xH100"), prof, 75.0)
     assert isinstance(dep, Deployment) and dep.n_gpus == 8 and dep.quality >= 75.0
-    assert all(lay == Layout(1) for lay in dep.stage_layouts[0]) and all(lay == Layout(4) for lay in dep.stage_layouts[1])
+    assert all(lay == Layout(1) for lay in dep.stage_layouts[0])
+    assert all(lay == Layout(4) for lay in dep.stage_layouts[1])
     res = simulate_deployment(dep, trace, prof, seed=5)
     assert res.n_unfinished == 0 and 0.0 < res.stage_shares[1] < 1.0
     unloaded = metrics.unloaded_latency_s(models[1], get_gpu("H100"), Layout(8), trace)

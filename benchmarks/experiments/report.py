@@ -83,7 +83,8 @@ def markdown(doc: dict) -> str:
             sc = r["scenario"]
             cells = [_cell(r["systems"].get(s, {"infeasible": ""}), "max_rate_rps", "{:.1f}") for s in SYSTEMS]
             lines.append(f"| {sc['cascade']} | {sc['trace']} | {sc['quality']} | {sc['alpha']:g} | "
-                         + " | ".join(cells) + f" | {_ratio(r, 'rate_vs_single')} | {_ratio(r, 'rate_vs_cascadeserve')} |")
+                         + " | ".join(cells)
+                         + f" | {_ratio(r, 'rate_vs_single')} | {_ratio(r, 'rate_vs_cascadeserve')} |")
     lines += ["", "### Summary of Cascadia's ratios (max / mean over scenarios where both are finite)", "",
               "| rows | vs single (SLO) | vs CascadeServe-style (SLO) | vs single (rate) | "
               "vs CascadeServe-style (rate) |", "|---|---|---|---|---|"]
@@ -97,7 +98,8 @@ def markdown(doc: dict) -> str:
         if any(c != "-" for c in cells):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "### Deployments (planned on the planning window)", "",
-              "| scenario | system | thresholds | stage shares | quality | GPUs | replicas |", "|---|---|---|---|---|---|---|"]
+              "| scenario | system | thresholds | stage shares | quality | GPUs | replicas |",
+              "|---|---|---|---|---|---|---|"]
     for r in doc["scenarios"]:
         for s in SYSTEMS:
             res = r["systems"].get(s)

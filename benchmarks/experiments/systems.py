@@ -37,7 +37,7 @@ from cascadia.specs.gpu import GPUSpec
 from cascadia.specs.model import ModelSpec
 from cascadia.traces import Trace
 from planner import milp, parallelism
-from planner.bilevel import Backends, Infeasible, PlannerOptions, default_backends, plan
+from planner.bilevel import Infeasible, PlannerOptions, default_backends, plan
 from planner.parallelism import LayoutOption, TableStats, replica_shapes
 from planner.quality_input import QualitySource
 from planner.routing import threshold_grid
@@ -218,7 +218,8 @@ def uniform_solve(problem: milp.DeploymentProblem, solver: str = "cbc",
             continue
         fit = [o for o in opts if o.n_gpus <= caps[i]]
         if not fit:
-            return milp.Infeasible(f"{problem.stage_name(i)} has no layout within its uniform {caps[i]} GPUs", "uniform")
+            return milp.Infeasible(f"{problem.stage_name(i)} has no layout within its uniform {caps[i]} GPUs",
+                                   "uniform")
         choices.append(min(fit, key=lambda o: (o.p95_latency_s, o.n_gpus)))
     obj = milp.objective_value(problem, choices)
     return milp.DeploymentSolution(tuple(choices), obj, obj, 0.0, "optimal", "uniform", 0.0, problem.objective,
