@@ -75,7 +75,8 @@ async def default_deployment(*, threshold: float, kv_cache_gib: float = 1.0, log
     return dep
 
 
-async def plan_deployment(plan_path: str, engine_kind: str, *, time_dilation: float = 1.0, log=print) -> Deployment:
+async def plan_deployment(plan_path: str, engine_kind: str, *, time_dilation: float = 1.0, warmup_requests: int = 40,
+                          log=print) -> Deployment:
     """Every replica of a plan as a simulated engine (`sim`): a dry run of a GPU plan on a
     laptop. The judge is the logprob judge on the plan's thresholds."""
     from cascadia.plan import Plan, simulate_plan  # noqa: F401  (Plan.load validates the file)
@@ -100,9 +101,48 @@ async def plan_deployment(plan_path: str, engine_kind: str, *, time_dilation: fl
         stages.append(Stage(model.name, pool, st.threshold if i < len(plan.stages) - 1 else None))
         members[model.name] = pool
     log(f"plan {plan_path}: {len(stages)} stages, {sum(len(s.replicas) for s in plan.stages)} simulated replicas")
-    dep = Deployment(Cascade(stages, LogprobJudge()), members, "cascadia")
+    judge = LogprobJudge()
+    dep = Deployment(Cascade(stages, judge), members, "cascadia")
     dep.notes.append("SIMULATED engines (timing from the calibrated performance model, synthetic text)")
+    if len(stages) > 1 and plan.judge.name != "logprob":
+        stages = await recalibrated(stages, judge, plan.stage_shares, warmup_requests, log)
+        dep.cascade = Cascade(stages, judge)
+        dep.notes.append(f"thresholds re-calibrated for the logprob judge (the plan's were for "
+                         f"{plan.judge.name!r}) to keep the plan's escalation shares: "
+                         f"{[round(st.threshold, 2) for st in stages[:-1]]}")
     return dep
+
+
+async def recalibrated(stages, judge, stage_shares, n_requests: int, log) -> list:
+    """Stages whose thresholds keep the plan's escalation shares under `judge`: each judged
+    stage answers `n_requests` warm-up questions (MT-Bench prompts), the judge scores them,
+    and the threshold becomes the quantile that escalates the planned fraction (a pure
+    function, router.judges.recalibrate_threshold)."""
+    from cascadia.quality import load_mtbench_prompts
+    from router.cascade import Stage
+    from router.judges import Answer, recalibrate_threshold
+    from router.protocol import GenerateRequest
+
+    questions = list(load_mtbench_prompts().values())[:n_requests]
+    out = list(stages)
+    for i, st in enumerate(stages[:-1]):
+        share = stage_shares[i + 1] / stage_shares[i] if stage_shares[i] > 0 else 1.0
+
+        async def one(k: int, q: str):
+            req = GenerateRequest(f"calibrate-{i}-{k}", await st.pool.chat_prompt([{"role": "user", "content": q}]),
+                                  max_tokens=32, temperature=0.0, logprobs=True)
+            ids, lps, text = [], [], []
+            async for chunk in st.pool.generate(req):
+                ids += chunk.token_ids
+                lps += chunk.logprobs
+                text.append(chunk.text)
+            return await judge.score(req, Answer("".join(text), tuple(ids), tuple(lps), "length", q))
+
+        scores = await asyncio.gather(*(one(k, q) for k, q in enumerate(questions)))
+        out[i] = Stage(st.name, st.pool, recalibrate_threshold(scores, min(max(share, 0.0), 1.0)))
+        log(f"  stage {i} ({st.name}): threshold {st.threshold} -> {out[i].threshold:.2f} for the logprob judge, "
+            f"escalating {share:.1%} of {len(scores)} warm-up answers as planned")
+    return out
 
 
 async def serve(dep: Deployment, host: str, port: int, *, log=print, ready: asyncio.Event | None = None,
