@@ -12,16 +12,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from cascadia.errors import FileFormatError
 
-class QualityFormatError(ValueError):
+
+class QualityFormatError(FileFormatError):
     """A quality file could not be read; the message is ``"<file>:<line>: <what is wrong>"``."""
-
-    def __init__(self, path: Any, line: int | None, what: str):
-        self.path = str(path)
-        self.line = line
-        self.what = what
-        where = f"{self.path}:{line}" if line is not None else self.path
-        super().__init__(f"{where}: {what}")
 
 
 def _frozen_scores(values: Any, label: str, shape: tuple[int, int]) -> np.ndarray:

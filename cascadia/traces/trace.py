@@ -14,16 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from cascadia.errors import FileFormatError
 
-class TraceFormatError(ValueError):
+
+class TraceFormatError(FileFormatError):
     """A trace file could not be read; the message is ``"<file>:<line>: <what is wrong>"``."""
-
-    def __init__(self, path: Any, line: int | None, what: str):
-        self.path = str(path)
-        self.line = line
-        self.what = what
-        where = f"{self.path}:{line}" if line is not None else self.path
-        super().__init__(f"{where}: {what}")
 
 
 def _frozen_array(values: Any, dtype: Any) -> np.ndarray:
