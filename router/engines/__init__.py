@@ -12,6 +12,7 @@ from typing import Any, Callable
 ENGINE_KINDS: dict[str, tuple[str, str]] = {
     "vllm": ("router.engines.vllm_ray", "start_vllm_engine"),  # async: (name, settings, ...) -> RayEngine
     "sim": ("router.engines.sim", "SimulatedEngine"),  # (name, iteration_model, config, kv_blocks, ...)
+    "openai": ("router.engines.openai_http", "OpenAIEngine"),  # (name, base_url, model, *, api_key, ...)
 }
 
 
