@@ -48,6 +48,7 @@ class CompletionParams:
     stream: bool
     include_usage: bool
     escalate: bool
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks rely on it)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -183,7 +184,8 @@ def parse_request(body: dict, *, chat: bool) -> CompletionParams:
     return CompletionParams(
         model=model, messages=messages, prompt=prompt, max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0), top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-        stop=_stop(body), seed=seed, stream=stream, include_usage=include_usage, escalate=escalate)
+        stop=_stop(body), seed=seed, stream=stream, include_usage=include_usage, escalate=escalate,
+        ignore_eos=_boolean(body, "ignore_eos", False))
 
 
 def usage_body(prompt_tokens: int, completion_tokens: int) -> dict:

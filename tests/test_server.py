@@ -233,3 +233,15 @@ def test_client_disconnect_aborts_held_engine_work(stream):
     assert len(small.aborted) == 1 and small.aborted[0].endswith("-s0")
     assert small.finished_at == {}  # the engine did not run the request to its end
     assert delta(before, after, "cascadia_requests_total", **ABORTED) == 1
+
+
+def test_ignore_eos_is_parsed_and_typed():
+    import pytest as _pytest
+
+    from router.openai_schema import RequestError, parse_request
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    assert parse_request(body, chat=True).ignore_eos is False
+    assert parse_request({**body, "ignore_eos": True}, chat=True).ignore_eos is True
+    with _pytest.raises(RequestError, match="ignore_eos"):
+        parse_request({**body, "ignore_eos": "yes"}, chat=True)
