@@ -108,6 +108,8 @@ class CascadeResult:
     timings: Timings
     finish_reason: str
     visits: tuple[StageVisit, ...] = ()
+    token_ids: tuple[int, ...] = ()  # of the answer, for clients that ask for logprobs
+    logprobs: tuple[float, ...] = ()
 
     @property
     def escalations(self) -> int:
@@ -249,5 +251,7 @@ class Cascade:
             text=out.text, stage_index=answered.stage_index, stage_name=answered.stage_name, scores=tuple(scores),
             usage=answered.usage, timings=Timings(ttft_s if ttft_s is not None else now - start, now - start,
                                                   judge_total_s),
-            finish_reason=out.finish_reason, visits=tuple(visits))
+            finish_reason=out.finish_reason, visits=tuple(visits),
+            token_ids=tuple(t for c in out.chunks for t in c.token_ids),
+            logprobs=tuple(lp for c in out.chunks for lp in c.logprobs))
         yield StreamDelta("", answered.stage_index, answered.stage_name, tuple(scores), finished=True, result=result)

@@ -49,6 +49,7 @@ class CompletionParams:
     include_usage: bool
     escalate: bool
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks rely on it)
+    logprobs: bool = False  # return each sampled token's logprob (non-streaming responses)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -185,7 +186,30 @@ def parse_request(body: dict, *, chat: bool) -> CompletionParams:
         model=model, messages=messages, prompt=prompt, max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0), top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
         stop=_stop(body), seed=seed, stream=stream, include_usage=include_usage, escalate=escalate,
-        ignore_eos=_boolean(body, "ignore_eos", False))
+        ignore_eos=_boolean(body, "ignore_eos", False), logprobs=_logprobs_flag(body, chat))
+
+
+def _logprobs_flag(body: dict, chat: bool) -> bool:
+    """Chat asks with `logprobs: true`; completions with `logprobs: N` (only N <= 1: the
+    sampled token's own logprob is what the engines return)."""
+    if chat:
+        return _boolean(body, "logprobs", False)
+    n = _integer(body, "logprobs")
+    if n is not None and not 0 <= n <= 1:
+        raise RequestError(f"'logprobs' must be 0 or 1 (the sampled token only), got {n}", param="logprobs",
+                           code="unsupported_value")
+    return n is not None
+
+
+def logprobs_body(chat: bool, token_ids, logprobs) -> dict:
+    """OpenAI's logprobs object for the sampled tokens. Token strings are given as
+    `token_id:N` (as vLLM does with return_tokens_as_token_ids): engines stream text per
+    chunk, not per token."""
+    tokens = [f"token_id:{t}" for t in token_ids]
+    if chat:
+        return {"content": [{"token": tok, "logprob": lp, "bytes": None, "top_logprobs": []}
+                            for tok, lp in zip(tokens, logprobs)]}
+    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": None}
 
 
 def usage_body(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -194,12 +218,12 @@ def usage_body(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def response_body(*, chat: bool, response_id: str, created: int, model: str, text: str, finish_reason: str,
-                  usage: dict, cascade: dict | None) -> dict:
+                  usage: dict, cascade: dict | None, logprobs: dict | None = None) -> dict:
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                   "finish_reason": finish_reason}
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     body = {"id": response_id, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "choices": [choice], "usage": usage}
     if cascade is not None:

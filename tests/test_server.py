@@ -245,3 +245,20 @@ def test_ignore_eos_is_parsed_and_typed():
     assert parse_request({**body, "ignore_eos": True}, chat=True).ignore_eos is True
     with _pytest.raises(RequestError, match="ignore_eos"):
         parse_request({**body, "ignore_eos": "yes"}, chat=True)
+
+
+def test_logprobs_flag_parsing():
+    import pytest as _pytest
+
+    from router.openai_schema import RequestError, logprobs_body, parse_request
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    assert parse_request({**chat, "logprobs": True}, chat=True).logprobs is True
+    comp = {"model": "m", "prompt": "hi", "max_tokens": 4}
+    assert parse_request({**comp, "logprobs": 1}, chat=False).logprobs is True
+    assert parse_request(comp, chat=False).logprobs is False
+    with _pytest.raises(RequestError, match="logprobs"):
+        parse_request({**comp, "logprobs": 5}, chat=False)
+    body = logprobs_body(True, (7, 9), (-0.5, -1.0))
+    assert [c["logprob"] for c in body["content"]] == [-0.5, -1.0]
+    assert body["content"][0]["token"] == "token_id:7"
