@@ -287,8 +287,12 @@ def test_ray_vllm_engine_generates_deterministically_aborts_and_leaves_no_proces
                 got += len(c.token_ids)
                 if got >= 2:
                     break
-        await asyncio.sleep(0.3)
+        # the actor records the abort when its cancelled generator unwinds: poll, bounded
+        deadline = time.monotonic() + 15
         stats = await eng.stats()
+        while (stats["requests_aborted"] < 1 or stats["running"]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            stats = await eng.stats()
         return eng.info, texts, lps, stats, got
 
     ray.init(num_cpus=2, include_dashboard=False)
