@@ -15,9 +15,10 @@ from collections import defaultdict
 import numpy as np
 
 from cascadia.catalog import get_model
-from cascadia.perf.calibration import Calibration, file_sha256, predict, relative_errors, spec_for_dtype
+from cascadia.perf.calibration import (HELD_OUT_PREFIX, Calibration, file_sha256, predict, relative_errors,
+                                       spec_for_dtype)
 from cascadia.perf.profiler import samples_path_for
-from cascadia.perf.samples import ProfileRun
+from cascadia.perf.samples import ProfileRun, split_by_label
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
         err = relative_errors(samples, predict(samples, spec, calib.device, calib.efficiency, calib.layout))
         print(f"{key:<16}{len(samples):>8}{np.mean(np.abs(err)):>12.1%}{np.max(np.abs(err)):>11.1%}"
               f"{np.mean(err):>+13.1%}")
-    held = [s for s in run.samples if s.label.startswith("eval:")]
+    _, held = split_by_label(run.samples, HELD_OUT_PREFIX)
     err = relative_errors(held, predict(held, spec, calib.device, calib.efficiency, calib.layout))
     print(f"\nheld-out shapes (never in the fit): {len(held)} samples, mean |error| {np.mean(np.abs(err)):.1%}, "
           f"median {np.median(np.abs(err)):.1%}, max {np.max(np.abs(err)):.1%}")

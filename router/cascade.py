@@ -58,6 +58,9 @@ class CascadeRequest:
     seed: int | None = None
     ignore_eos: bool = False
     escalate: bool = True
+    # Stage 1's templated prompt when the caller already made it (the server does, to check
+    # the context length): saves a second chat-template call into the engine per request.
+    first_stage_prompt: str | None = None
 
     @property
     def question(self) -> str:
@@ -170,7 +173,12 @@ class Cascade:
 
     async def _stage_request(self, i: int, req: CascadeRequest):
         pool = self.stages[i].pool
-        prompt = await pool.chat_prompt(list(req.messages)) if req.messages is not None else req.prompt or ""
+        if i == 0 and req.first_stage_prompt is not None:
+            prompt = req.first_stage_prompt
+        elif req.messages is not None:
+            prompt = await pool.chat_prompt(list(req.messages))
+        else:
+            prompt = req.prompt or ""
         return GenerateRequest(request_id=f"{req.request_id}-s{i}", prompt=prompt, max_tokens=req.max_tokens,
                                temperature=req.temperature, top_p=req.top_p, stop=req.stop, seed=req.seed,
                                ignore_eos=req.ignore_eos, logprobs=True)

@@ -79,7 +79,7 @@ async def plan_deployment(plan_path: str, engine_kind: str, *, time_dilation: fl
                           log=print) -> Deployment:
     """Every replica of a plan as a simulated engine (`sim`): a dry run of a GPU plan on a
     laptop. The judge is the logprob judge on the plan's thresholds."""
-    from cascadia.plan import Plan, simulate_plan  # noqa: F401  (Plan.load validates the file)
+    from cascadia.plan import Plan
     from cascadia.sim.cluster import StageDeployment
     from router.cascade import Cascade, Stage
     from router.engines.sim import SimulatedEngine

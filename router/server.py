@@ -143,7 +143,8 @@ async def _cascade_request(request: web.Request, params: CompletionParams, targe
     escalate = params.escalate and request.headers.get(ESCALATE_HEADER, "").lower() not in ("false", "0", "no")
     return CascadeRequest(request_id=request[_RID], max_tokens=max_tokens, messages=params.messages,
                           prompt=params.prompt, temperature=params.temperature, top_p=params.top_p, stop=params.stop,
-                          seed=params.seed, ignore_eos=params.ignore_eos, escalate=escalate)
+                          seed=params.seed, ignore_eos=params.ignore_eos, escalate=escalate,
+                          first_stage_prompt=text)
 
 
 def _cascade_field(stage_index: int, stage_name: str, scores: tuple[float, ...],

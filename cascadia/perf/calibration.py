@@ -18,7 +18,7 @@ import numpy as np
 
 from cascadia.perf.iteration import BatchFeatures, Efficiency, IterationModel
 from cascadia.perf.layout import Layout
-from cascadia.perf.samples import IterationSample, ProfileRun
+from cascadia.perf.samples import IterationSample, ProfileRun, split_by_label
 from cascadia.specs.gpu import GPUSpec
 from cascadia.specs.model import ModelSpec
 
@@ -164,8 +164,7 @@ def fit_calibration(run: ProfileRun, model: ModelSpec, device: GPUSpec, *, layou
     if not samples_sha256:
         canonical = json.dumps([s.to_dict() for s in run.samples], sort_keys=True).encode()
         samples_sha256 = hashlib.sha256(canonical).hexdigest()
-    fit_set = [s for s in run.samples if not s.label.startswith(held_out_prefix)]
-    held = [s for s in run.samples if s.label.startswith(held_out_prefix)]
+    fit_set, held = split_by_label(run.samples, held_out_prefix)
     eff, fit_err = fit_efficiency(fit_set, spec, device, layout)
     fit_report: dict = {"n_fit": len(fit_set), "fit_mean_abs_rel_error": fit_err}
     if held:

@@ -7,7 +7,7 @@ Kept apart from both the profiler (which needs a real engine) and the performanc
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
