@@ -163,14 +163,35 @@ class SimEngine:
     def _seq_blocks(self, s: SimSeq) -> int:
         return max(0, self._blocks_for(s.computed) - s.shared_blocks)
 
+    def _unschedule(self, s: SimSeq) -> None:
+        """Take a sequence already removed from `running` out of the batch bookkeeping and
+        free its KV blocks."""
+        if s.decoding:
+            self._dec_remove(s)
+        else:
+            self.prefilling.remove(s)
+        self.used_blocks -= self._seq_blocks(s)
+
+    def drop(self, s: SimSeq) -> None:
+        """Forget a request whose client went away: out of the queue, or out of the batch
+        with its KV blocks freed (call between runs: a running batch is fixed)."""
+        if s in self.waiting:
+            self.waiting.remove(s)
+            self.waiting_tokens -= s.remaining_tokens()
+        elif s in self.running:
+            self.running.remove(s)
+            self._unschedule(s)
+
+    def end_run_early(self, now: float) -> None:
+        """End a fast-forwarded run after the iteration in progress at `now` (what an
+        arrival does), so a change to the batch takes effect where a real engine's would."""
+        if self.busy and self.run_steps > 1:
+            self._truncate_run(now)
+
     def _preempt(self) -> SimSeq:
         """Free the most recently admitted running request and queue it first again."""
         victim = self.running.pop()
-        if victim.decoding:
-            self._dec_remove(victim)
-        else:
-            self.prefilling.remove(victim)
-        self.used_blocks -= self._seq_blocks(victim)
+        self._unschedule(victim)
         victim.computed = 0
         victim.shared_blocks = 0
         victim.preemptions += 1

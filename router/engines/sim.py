@@ -169,11 +169,7 @@ class SimulatedEngine:
             return
         self._by_seq.pop(live.seq.rid, None)
         self._requests_aborted += 1
-        sim = live.engine.sim
-        if sim.busy and sim.run_steps > 1:
-            # end a fast-forwarded decode run after the iteration in progress, as an arrival
-            # does, so the request leaves the batch when a real engine's would
-            sim._truncate_run(self._sim_now())
+        live.engine.sim.end_run_early(self._sim_now())
         live.engine.to_drop.append(live.seq)
         live.engine.wake.set()
         live.queue.put_nowait(TokenChunk((), "", (), finished=True, finish_reason="abort"))
@@ -245,18 +241,7 @@ class SimulatedEngine:
     def _drop_aborted(self, ve: _Virtual) -> None:
         sim = ve.sim
         for s in ve.to_drop:
-            if s in sim.waiting:
-                sim.waiting.remove(s)
-                sim.waiting_tokens -= s.remaining_tokens()
-            elif s in sim.running:
-                # SimEngine has no public removal; this mirrors its preemption bookkeeping
-                # without re-queueing (to move into cascadia.sim.engine as `SimEngine.drop`).
-                sim.running.remove(s)
-                if s.decoding:
-                    sim._dec_remove(s)
-                else:
-                    sim.prefilling.remove(s)
-                sim.used_blocks -= sim._seq_blocks(s)
+            sim.drop(s)
         ve.to_drop.clear()
 
     def _deliver_decoding(self, ve: _Virtual, now: float) -> None:
