@@ -170,6 +170,92 @@ def test_replica_placement_packs_tp_in_a_bundle_and_spreads_pp_stages_on_request
         replica_placement(0, 1)
 
 
+# ---------------- local tokenizer of a Ray engine ----------------
+
+class _Remote:
+    """`actor.method.remote(...)` of a fake actor: counts calls, answers a fixed value."""
+
+    def __init__(self, calls: list, name: str, answer):
+        self.calls, self.name, self.answer = calls, name, answer
+
+    def remote(self, *args):
+        self.calls.append((self.name, args))
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(self.answer)
+        return fut
+
+
+class FakeActor:
+    def __init__(self):
+        self.calls: list = []
+        self.chat_prompt = _Remote(self.calls, "chat_prompt", "ACTOR PROMPT")
+        self.count_tokens = _Remote(self.calls, "count_tokens", 999)
+
+
+def _tiny_tokenizer_dir(path) -> str:
+    """A word-level tokenizer with a chat template, saved like a model directory's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "<user>", "<assistant>", "hello", "there", "name", "colours"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.save_pretrained(str(path))
+    return str(path)
+
+
+def test_ray_engine_with_a_local_tokenizer_makes_no_actor_calls_for_templates_and_counts(tmp_path):
+    from router.engines.vllm_ray import RayEngine
+
+    model_dir = _tiny_tokenizer_dir(tmp_path / "model")
+    actor = FakeActor()
+    eng = RayEngine("m", actor, {"max_model_len": 512}, tokenizer_dir=model_dir)
+
+    async def go():
+        prompts = await asyncio.gather(*(eng.chat_prompt([{"role": "user", "content": f"hello there {k}"}])
+                                         for k in range(5)))
+        counts = [await eng.count_tokens(p) for p in prompts]
+        return prompts, counts
+
+    prompts, counts = run(go())
+    assert actor.calls == []
+    assert prompts[0] == "<user> hello there 0 <assistant>"
+    # "<", "user", ">" ... the whitespace pre-tokenizer splits on punctuation: count by hand
+    assert counts[0] == len("< user > hello there 0 < assistant >".split())
+    assert eng.local_tokenizer.available
+
+
+def test_ray_engine_asks_the_actor_when_the_tokenizer_is_not_on_this_host(tmp_path):
+    from router.engines.local_tokenizer import LocalTokenizer
+    from router.engines.vllm_ray import RayEngine
+
+    actor = FakeActor()
+    remote_only = RayEngine("m", actor, {"max_model_len": 512}, tokenizer_dir=str(tmp_path / "not-here"))
+
+    loads = []
+
+    def broken_loader(path):
+        loads.append(path)
+        raise OSError("no tokenizer files")
+
+    broken = RayEngine("m", actor, {"max_model_len": 512}, tokenizer_dir=str(tmp_path))
+    broken.local_tokenizer = LocalTokenizer(str(tmp_path), loader=broken_loader)
+
+    async def go():
+        out = []
+        for eng in (remote_only, broken, broken):
+            out.append((await eng.chat_prompt([{"role": "user", "content": "hi"}]), await eng.count_tokens("x")))
+        return out
+
+    assert run(go()) == [("ACTOR PROMPT", 999)] * 3
+    assert [name for name, _ in actor.calls] == ["chat_prompt", "count_tokens"] * 3
+    assert loads == [str(tmp_path)]  # a failed load is not retried on every request
+    assert "OSError" in broken.local_tokenizer.error and "not a directory" in remote_only.local_tokenizer.error
+
+
 # ---------------- simulated engine ----------------
 
 def test_simulated_lone_request_matches_the_iteration_model():
@@ -272,6 +358,18 @@ def test_ray_vllm_engine_generates_deterministically_aborts_and_leaves_no_proces
         assert isinstance(eng, Engine) and await eng.health()
         prompt = await eng.chat_prompt([{"role": "user", "content": "Name three colours."}])
         n_prompt = await eng.count_tokens(prompt)
+        # the router renders and counts with its own copy of the tokenizer: same as the engine's
+        assert eng.local_tokenizer.available
+        chats = [[{"role": "user", "content": "Name three colours."}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Ünïcode ✓ 東京?"}],
+                 [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                  {"role": "user", "content": "And now?\n\n  spaces  "}]]
+        for messages in chats:
+            local = await eng.chat_prompt(messages)
+            assert local == await eng.actor.chat_prompt.remote(messages)
+            assert await eng.count_tokens(local) == await eng.actor.count_tokens.remote(local)
+        for text in ("plain text", "<|im_start|>user\nx<|im_end|>", ""):
+            assert await eng.count_tokens(text) == await eng.actor.count_tokens.remote(text)
         texts, lps = [], []
         for k in range(2):
             chunks = [c async for c in eng.generate(GenerateRequest(f"det{k}", prompt, max_tokens=16,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from cascadia.vllm_adapter import EngineSettings, GenerationParams
+from router.engines.local_tokenizer import LocalTokenizer
 from router.protocol import EngineError, GenerateRequest, TokenChunk
 
 WARMUP_PROMPT = "Hello"
@@ -149,14 +150,21 @@ class VLLMEngineActor:
 
 
 class RayEngine:
-    """The router's `Engine` over a `VLLMEngineActor` handle."""
+    """The router's `Engine` over a `VLLMEngineActor` handle.
 
-    def __init__(self, name: str, actor: Any, info: dict, placement_group: Any = None):
+    `tokenizer_dir`: the model directory vLLM loaded. When it exists on this host too, the
+    chat template and token counts come from the same tokenizer loaded here (see
+    router/engines/local_tokenizer.py): no actor round trip per request. Otherwise, or if
+    it fails to load, the actor answers them."""
+
+    def __init__(self, name: str, actor: Any, info: dict, placement_group: Any = None, *,
+                 tokenizer_dir: str | None = None):
         self.name = name
         self.actor = actor
         self.info = info
         self.max_model_len = int(info["max_model_len"])
         self.placement_group = placement_group
+        self.local_tokenizer = LocalTokenizer(tokenizer_dir)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]:
         import ray
@@ -188,10 +196,16 @@ class RayEngine:
         await self.actor.abort.remote(request_id)
 
     async def chat_prompt(self, messages: list[dict]) -> str:
-        return await self.actor.chat_prompt.remote(messages)
+        tokenizer = await self.local_tokenizer.get()
+        if tokenizer is None:
+            return await self.actor.chat_prompt.remote(messages)
+        return LocalTokenizer.render_chat(tokenizer, messages)
 
     async def count_tokens(self, text: str) -> int:
-        return await self.actor.count_tokens.remote(text)
+        tokenizer = await self.local_tokenizer.get()
+        if tokenizer is None:
+            return await self.actor.count_tokens.remote(text)
+        return LocalTokenizer.count(tokenizer, text)
 
     async def health(self) -> bool:
         try:
@@ -257,4 +271,6 @@ async def start_vllm_engine(name: str, settings: EngineSettings, *, num_cpus: fl
         if pg is not None:
             ray.util.remove_placement_group(pg)
         raise EngineError(f"engine {name} failed to start: {e}") from e
-    return RayEngine(name, actor, info, placement_group=pg)
+    engine = RayEngine(name, actor, info, placement_group=pg, tokenizer_dir=settings.model)
+    await engine.local_tokenizer.get()  # load it now (in a thread), not on the first request
+    return engine
