@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from cascadia.metrics import ATTAINMENT, min_slo_scale, slo_attainment, slowdowns  # noqa: F401 (shared)
 from cascadia.perf.layout import Layout
 from cascadia.sim.cluster import StageDeployment, simulate
 from cascadia.sim.config import EngineConfig
@@ -26,7 +27,6 @@ from cascadia.specs.gpu import GPUSpec
 from cascadia.specs.model import ModelSpec
 from cascadia.traces import Trace
 
-ATTAINMENT = 0.95
 _ALONE_GAP_S = 1e6  # far longer than any request: each one runs with nothing else
 
 
@@ -38,33 +38,6 @@ def unloaded_latency_s(model: ModelSpec, gpu: GPUSpec, layout: Layout, trace: Tr
                   trace.output_tokens)
     result = simulate(alone, StageDeployment(model, gpu, (layout,), engine))
     return np.asarray(result.e2e_s, dtype=np.float64)
-
-
-def slowdowns(e2e_s: np.ndarray, unloaded_s: np.ndarray) -> np.ndarray:
-    """e2e / unloaded per request; inf for an unfinished request."""
-    e2e = np.asarray(e2e_s, dtype=np.float64)
-    base = np.asarray(unloaded_s, dtype=np.float64)
-    if e2e.shape != base.shape:
-        raise ValueError(f"{e2e.shape[0]} latencies for {base.shape[0]} deadlines")
-    if np.any(~np.isfinite(base)) or np.any(base <= 0):
-        raise ValueError("unloaded latencies must be finite and positive")
-    return np.where(np.isfinite(e2e), e2e / base, np.inf)
-
-
-def slo_attainment(e2e_s: np.ndarray, unloaded_s: np.ndarray, scale: float) -> float:
-    """Fraction of requests whose e2e latency is within ``scale`` x their unloaded latency."""
-    ratio = slowdowns(e2e_s, unloaded_s)
-    return float(np.mean(ratio <= scale)) if ratio.size else 1.0
-
-
-def min_slo_scale(e2e_s: np.ndarray, unloaded_s: np.ndarray, attainment: float = ATTAINMENT) -> float:
-    """The smallest s with slo_attainment(s) >= attainment: the k-th smallest slowdown,
-    k = ceil(attainment * n) (inf when that request is unfinished)."""
-    ratio = np.sort(slowdowns(e2e_s, unloaded_s))
-    if ratio.size == 0:
-        return 0.0
-    k = math.ceil(attainment * ratio.size - 1e-9)
-    return float(ratio[max(k, 1) - 1])
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from cascadia.metrics import RequestTimings, percentiles
 from cascadia.traces import Trace
-
-
-def percentiles(x: np.ndarray, qs=(50, 90, 95, 99)) -> dict[str, float]:
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return {f"p{q}": float("nan") for q in qs} | {"mean": float("nan")}
-    out = {f"p{q}": float(np.percentile(x, q)) for q in qs}
-    out["mean"] = float(x.mean())
-    return out
 
 
 @dataclass(frozen=True)
@@ -73,6 +65,15 @@ class SimResult:
     @property
     def n_requests(self) -> int:
         return len(self.arrival_s)
+
+    def timings(self) -> RequestTimings:
+        """Per-request timings for the shared metrics (cascadia.metrics); no token times."""
+        ok = np.isfinite(self.e2e_s)
+        return RequestTimings(start_s=self.arrival_s, end_s=np.where(ok, self.arrival_s + self.e2e_s, np.nan),
+                              ttft_s=np.where(ok, self.ttft_s, np.nan),
+                              tpot_s=np.where(ok & (self.output_tokens > 1), self.tpot_s, np.nan),
+                              e2e_s=self.e2e_s, output_tokens=self.output_tokens, ok=ok,
+                              final_stage=self.final_stage)
 
     def throughput_rps(self) -> float:
         return (self.n_requests - self.n_unfinished) / self.makespan_s if self.makespan_s > 0 else 0.0
