@@ -316,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_catalog)
     from planner.cli_plan import add_plan_parser  # `cascadia plan`; argparse only, planner loads on run
     add_plan_parser(sub)
+    from benchmarks.replay.cli import add_replay_parsers  # `cascadia replay`, `report`, `profile-quality`
+    add_replay_parsers(sub)
     return ap
 
 
