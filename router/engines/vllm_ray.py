@@ -231,10 +231,12 @@ class RayEngine:
 
 async def start_vllm_engine(name: str, settings: EngineSettings, *, num_cpus: float = 1, cpu_core: int | None = None,
                             warmup: bool = True, pp_across_nodes: bool = False, device: str = "CPU",
-                            ) -> RayEngine:
+                            placement: ReplicaPlacement | None = None) -> RayEngine:
     """Start a replica on the connected Ray cluster and return once it has served a
     warm-up request. `cpu_core` pins the actor before vLLM starts, so vLLM's processes
     inherit the pinning (two replicas on two cores instead of both on core 0).
+    `placement`: the replica's placement group as a plan lays it out
+    (router.plan_replicas); by default one is derived from tp x pp when that is > 1.
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 is set for the actor, but vLLM 0.32's AsyncLLM runs its
     engine core in a child process regardless (the variable only affects LLMEngine); the
@@ -248,16 +250,18 @@ async def start_vllm_engine(name: str, settings: EngineSettings, *, num_cpus: fl
                                f"{time.monotonic_ns()}", "max_concurrency": 1000}
     pg = None
     tp, pp = settings.tensor_parallel_size, settings.pipeline_parallel_size
-    if tp * pp > 1:
-        place = replica_placement(tp, pp, device=device, cpus_per_stage=num_cpus, pp_across_nodes=pp_across_nodes)
+    if placement is None and tp * pp > 1:
+        placement = replica_placement(tp, pp, device=device, cpus_per_stage=num_cpus, pp_across_nodes=pp_across_nodes)
+    if placement is not None:
+        place = placement
         pg = placement_group(list(place.bundles), strategy=place.strategy)
         await pg.ready()
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=pg, placement_group_bundle_index=place.actor_bundle_index,
             placement_group_capture_child_tasks=True)
         bundle = place.bundles[place.actor_bundle_index]
-        options["num_cpus"] = bundle.get("CPU", 0) if device == "CPU" else num_cpus
-        if device == "GPU":
+        options["num_cpus"] = bundle.get("CPU", 0) if device == "CPU" else min(num_cpus, bundle.get("CPU", 0))
+        if device == "GPU" and len(place.bundles) == 1:
             options["num_gpus"] = bundle["GPU"]
     else:
         options["num_cpus"] = num_cpus
