@@ -21,12 +21,23 @@ skipped, and the search stops once the best is within `min_gain` of the floor of
 
 Overload rule: a layout is *overloaded* when the offered rate exceeds its estimated capacity
 (the sum of its replicas' flood throughput; such a layout is not simulated), when the
-simulation leaves requests unfinished, or when latency grows over the window (the median of
-the last quarter of arrivals is over twice that of the first quarter and the rise exceeds a
-tenth of the window): a backlog that a longer window would only make worse. Overloaded
+simulation leaves requests unfinished, or when a backlog builds over the window. Backlog is
+judged on queueing delay and slowdown, not raw latency: a request's delay is its latency
+minus its unloaded latency (served alone on the layout's fastest shape, simulated once per
+shape) and its slowdown their ratio, so a window whose later requests are merely longer is
+not mistaken for one that queues. The layout is backlogged when the median delay of the
+last quarter of arrivals is over twice that of the first quarter and has grown by more
+than BACKLOG_MIN_RISE of the window's duration, while the last quarter's median slowdown
+is above BACKLOG_MIN_SLOWDOWN (a steady, busy layout is not backlogged). Overloaded
 options carry `overloaded=True` and a large but finite latency, OVERLOADED_LATENCY_S times
 the load ratio (at least 1), so the MILP only picks one when nothing else fits and then the
 least overloaded.
+
+Window length: tables simulate the stage's first requests, at least `min_requests` and
+enough to cover `min_window_s` of traffic (at most `max_requests`). Too short a window hides
+queues that would build (a layout near capacity looks fine for a few seconds) and the
+planner under-provisions. The defaults: 20 s of traffic, at least 256 and at most 1,024
+requests (a bound on planning time; the experiments use 2,048).
 """
 
 from __future__ import annotations
@@ -51,10 +62,14 @@ from cascadia.specs.gpu import GPUSpec
 from cascadia.specs.model import ModelSpec
 from cascadia.traces import Trace
 
-TABLE_CODE_VERSION = "parallelism-1"  # bump when the search or the simulator changes results
+TABLE_CODE_VERSION = "parallelism-2"  # bump when the search or the simulator changes results
 OVERLOADED_LATENCY_S = 1000.0
 OVERLOAD_CAPACITY_FACTOR = 1.0  # offered rate / estimated capacity above which a layout is overloaded
-DEFAULT_MAX_REQUESTS = 256
+DEFAULT_MAX_REQUESTS = 1024
+DEFAULT_MIN_REQUESTS = 256
+DEFAULT_MIN_WINDOW_S = 20.0
+BACKLOG_MIN_SLOWDOWN = 1.5
+BACKLOG_MIN_RISE = 0.05
 
 
 @dataclass(frozen=True)
@@ -159,23 +174,34 @@ def _deployment(layouts: tuple[Layout, ...]) -> StageDeployment:
     return StageDeployment(c["model"], c["gpu"], layouts, c["engine"], c["efficiency"], c["gpus_per_node"])
 
 
-def _simulate_layout(layouts: tuple[Layout, ...]) -> tuple[float, float, bool]:
-    """(p95 s, mean s, overloaded by the simulation rule) on the stage trace."""
+def _simulate_layout(task: tuple[tuple[Layout, ...], np.ndarray]) -> tuple[float, float, bool]:
+    """(p95 s, mean s, overloaded by the simulation rule) on the stage trace; `unloaded_s`
+    is each request's latency served alone on the layout's fastest shape."""
+    layouts, unloaded_s = task
     trace: Trace = _CTX["trace"]
     res = simulate(trace, _deployment(layouts))
     e2e = res.e2e_s
     if res.n_unfinished:
         return float("nan"), float("nan"), True
-    quarter = max(1, len(e2e) // 4)
-    early, late = float(np.median(e2e[:quarter])), float(np.median(e2e[-quarter:]))
-    growing = late > 2.0 * early and late - early > 0.1 * trace.duration_s
-    return float(np.percentile(e2e, 95)), float(np.mean(e2e)), bool(growing)
+    return float(np.percentile(e2e, 95)), float(np.mean(e2e)), backlogged(e2e, unloaded_s, trace.duration_s)
 
 
-def _shape_profile(shape: Layout) -> tuple[float, float]:
-    """(unloaded p95 floor s, capacity rps) of one replica of `shape`. The floor serves
-    every request alone; the capacity is the completion rate in the middle of a flood of
-    at least three full batches (the head and tail of a flood are not steady)."""
+def backlogged(e2e_s: np.ndarray, unloaded_s: np.ndarray, duration_s: float) -> bool:
+    """True when a queue builds over the window (module docstring: the overload rule).
+    Requests are in arrival order."""
+    n = len(e2e_s)
+    quarter = max(1, n // 4)
+    delay = e2e_s - unloaded_s
+    late_slowdown = float(np.median(e2e_s[-quarter:] / np.maximum(unloaded_s[-quarter:], 1e-9)))
+    early, late = float(np.median(delay[:quarter])), float(np.median(delay[-quarter:]))
+    return late > 2.0 * early and late - early > BACKLOG_MIN_RISE * duration_s and late_slowdown > BACKLOG_MIN_SLOWDOWN
+
+
+def _shape_profile(shape: Layout) -> tuple[float, float, np.ndarray]:
+    """(unloaded p95 floor s, capacity rps, per-request unloaded latency s) of one replica
+    of `shape`. The floor serves every request alone; the capacity is the completion rate
+    in the middle of a flood of at least three full batches (the head and tail of a flood
+    are not steady)."""
     trace: Trace = _CTX["trace"]
     n = len(trace)
     alone = Trace("alone", np.arange(n) * 1e6, trace.input_tokens, trace.output_tokens)
@@ -186,7 +212,8 @@ def _shape_profile(shape: Layout) -> tuple[float, float]:
     done = np.sort(res.e2e_s[np.isfinite(res.e2e_s)])
     lo, hi = int(0.2 * len(done)), int(0.8 * len(done))
     capacity = (hi - lo) / (done[hi] - done[lo]) if hi > lo and done[hi] > done[lo] else float("nan")
-    return float(np.nanpercentile(floor, 95)) if np.isfinite(floor).any() else float("inf"), float(capacity)
+    p95 = float(np.nanpercentile(floor, 95)) if np.isfinite(floor).any() else float("inf")
+    return p95, float(capacity), np.asarray(floor, dtype=float)
 
 
 def _run(tasks: list, fn: Callable, pool) -> list:
@@ -242,17 +269,26 @@ def _store(path: Path, table: dict[int, LayoutOption]) -> None:
 
 
 # ---- the table ----
+def table_window(trace: Trace, *, min_requests: int = DEFAULT_MIN_REQUESTS, min_window_s: float = DEFAULT_MIN_WINDOW_S,
+                 max_requests: int = DEFAULT_MAX_REQUESTS) -> int:
+    """How many of the stage's first requests a table simulates: enough to span
+    `min_window_s` of arrivals, at least `min_requests`, at most `max_requests` (which wins)."""
+    covering = int(np.searchsorted(trace.arrival_s, trace.arrival_s[0] + min_window_s, side="right")) if len(trace) else 0
+    return min(len(trace), max_requests, max(min_requests, covering))
+
+
 def latency_table(model: ModelSpec, gpu: GPUSpec, trace_for_stage: Trace, *, max_gpus: int, gpus_per_node: int,
                   engine: EngineConfig = EngineConfig(), efficiency: Efficiency | None = None,
                   cache_dir: str | os.PathLike | None = None, processes: int | None = None,
                   progress: Callable[[int, int], None] | None = None, max_requests: int = DEFAULT_MAX_REQUESTS,
-                  min_gain: float = 0.02, use_cache: bool = True,
+                  min_requests: int = DEFAULT_MIN_REQUESTS, min_window_s: float = DEFAULT_MIN_WINDOW_S, min_gain: float = 0.02, use_cache: bool = True,
                   stats: TableStats | None = None) -> dict[int, LayoutOption]:
     """f -> the best option on at most f GPUs, for f = 1..max_gpus; f that cannot hold the
-    model are absent. The stage trace is cut to its first `max_requests` requests.
+    model are absent. The stage trace is cut to its first requests (`table_window`).
     `progress(f_done, max_gpus)` is called as GPU counts complete."""
     stats = stats if stats is not None else TableStats()
-    trace = trace_for_stage.select(slice(0, max_requests)) if len(trace_for_stage) > max_requests else trace_for_stage
+    n = table_window(trace_for_stage, min_requests=min_requests, min_window_s=min_window_s, max_requests=max_requests)
+    trace = trace_for_stage.select(slice(0, n)) if len(trace_for_stage) > n else trace_for_stage
     key = table_key(model, gpu, trace, max_gpus=max_gpus, gpus_per_node=gpus_per_node, engine=engine,
                     efficiency=efficiency, min_gain=min_gain)
     path = _cache_root(cache_dir) / f"{model.name}--{gpu.name}--{key}.json"
@@ -295,23 +331,45 @@ def _search(model, gpu, shapes, trace, max_gpus, min_gain, pool, stats, progress
     stats.simulations += 2 * len(shapes)
     offered = trace.mean_rate_rps if len(trace) > 1 else 0.0
     floor_all = min(p[0] for p in profiles.values())
+    # GPU counts are evaluated in blocks whose simulations run as one batch, so both cores
+    # stay busy; pruning uses the best option found before the block (a few more
+    # simulations than strictly sequential pruning, the same table).
+    want_tasks = 2 * (getattr(pool, "_processes", 1) or 1) if pool is not None else 1
     best: LayoutOption | None = None
-    for f in range(1, max_gpus + 1):
+    f = 1
+    while f <= max_gpus:
         if best is not None and not best.overloaded and best.p95_latency_s <= floor_all * (1 + min_gain):
             stats.pruned += len(_layouts_using(shapes, f))
+            block = [(f, [], [])]
         else:
-            best = _best_at(model, gpu, shapes, profiles, offered, f, best, min_gain, pool, stats) or best
-        if best is not None:
-            table[f] = LayoutOption(model.name, gpu.name, f, best.layouts, best.p95_latency_s, best.mean_latency_s,
-                                    best.max_rate_rps, best.overloaded)
-        if progress is not None:
-            progress(f, max_gpus)
+            block = []
+            n_tasks = 0
+            while f + len(block) <= max_gpus and (not block or n_tasks < want_tasks):
+                to_sim, fixed = _candidates(model, gpu, shapes, profiles, offered, f + len(block), best, min_gain,
+                                            stats)
+                block.append((f + len(block), to_sim, fixed))
+                n_tasks += len(to_sim)
+            tasks = [t[0] for _, to_sim, _ in block for t in to_sim]
+            results = iter(_run(tasks, _simulate_layout, pool))
+            stats.simulations += len(tasks)
+            block = [(g, [(t, next(results)) for t in to_sim], fixed) for g, to_sim, fixed in block]
+        for g, simulated, fixed in block:
+            top = _top(model, gpu, g, simulated, fixed)
+            if top is not None and (best is None or top.p95_latency_s < best.p95_latency_s):
+                best = top
+            if best is not None:
+                table[g] = LayoutOption(model.name, gpu.name, g, best.layouts, best.p95_latency_s,
+                                        best.mean_latency_s, best.max_rate_rps, best.overloaded)
+            if progress is not None:
+                progress(g, max_gpus)
+        f += len(block)
     return table
 
 
-def _best_at(model, gpu, shapes, profiles, offered, f, best, min_gain, pool, stats) -> LayoutOption | None:
-    """The best option using exactly f GPUs if it beats `best` (on fewer GPUs), else None."""
-    to_sim, options = [], []
+def _candidates(model, gpu, shapes, profiles, offered, f, best, min_gain, stats) -> tuple[list, list]:
+    """Layouts on exactly f GPUs that could beat `best`: (to simulate, options settled
+    without simulating because their estimated capacity is below the offered rate)."""
+    to_sim, fixed = [], []
     for layouts in _layouts_using(shapes, f):
         capacity = sum(profiles[s][1] for s in layouts)
         floor = min(profiles[s][0] for s in layouts)
@@ -322,19 +380,19 @@ def _best_at(model, gpu, shapes, profiles, offered, f, best, min_gain, pool, sta
         if np.isfinite(load) and load > OVERLOAD_CAPACITY_FACTOR:
             stats.pruned += 1
             penalty = OVERLOADED_LATENCY_S * load
-            options.append(LayoutOption(model.name, gpu.name, f, layouts, penalty, penalty, capacity, True))
+            fixed.append(LayoutOption(model.name, gpu.name, f, layouts, penalty, penalty, capacity, True))
             continue
-        to_sim.append((layouts, capacity, load))
-    results = _run([t[0] for t in to_sim], _simulate_layout, pool)
-    stats.simulations += len(to_sim)
-    for (layouts, capacity, load), (p95, mean, overloaded) in zip(to_sim, results):
+        unloaded = np.min([profiles[s][2] for s in set(layouts)], axis=0)
+        to_sim.append(((layouts, unloaded), capacity, load))
+    return to_sim, fixed
+
+
+def _top(model, gpu, f, simulated, fixed) -> LayoutOption | None:
+    """The best option on exactly f GPUs, from simulated candidates and settled ones."""
+    options = list(fixed)
+    for ((layouts, _), capacity, load), (p95, mean, overloaded) in simulated:
         if overloaded:
             p95 = mean = OVERLOADED_LATENCY_S * max(1.0, load if np.isfinite(load) else 1.0) + (
                 p95 if np.isfinite(p95) else OVERLOADED_LATENCY_S)
         options.append(LayoutOption(model.name, gpu.name, f, layouts, p95, mean, capacity, overloaded))
-    if not options:
-        return None
-    top = min(options, key=lambda o: (o.p95_latency_s, o.mean_latency_s, len(o.layouts)))
-    if best is None or top.p95_latency_s < best.p95_latency_s:
-        return top
-    return None
+    return min(options, key=lambda o: (o.p95_latency_s, o.mean_latency_s, len(o.layouts))) if options else None

@@ -93,6 +93,22 @@ def coarse_indices(grid: np.ndarray, n_points: int) -> np.ndarray:
     return np.unique(np.rint(np.linspace(0, len(grid) - 1, n_points)).astype(np.int64))
 
 
+def least_escalation_points(profile: QualityProfile, grids: tuple[np.ndarray, ...], q_min: float, k: int,
+                            max_mesh: int = 250_000) -> list[tuple[int, ...]]:
+    """Index vectors of up to ``k`` grid points that meet ``q_min`` with the fewest
+    escalations (the sum of the shares of stages 2..C), or [] when none does or the
+    mesh is too large to replay whole. They seed the search: pattern search on J can
+    stall on the discrete grid short of a target some grid point reaches."""
+    if not grids or k <= 0 or int(np.prod([len(g) for g in grids])) > max_mesh:
+        return []
+    idx = np.stack(np.meshgrid(*[np.arange(len(g)) for g in grids], indexing="ij"), axis=-1).reshape(-1, len(grids))
+    thr = np.stack([grids[s][idx[:, s]] for s in range(len(grids))], axis=1).astype(np.float64)
+    rep = replay(profile, thr)
+    ok = np.flatnonzero(rep.mean_quality >= q_min - 1e-9)
+    escalated = rep.stage_shares[ok, 1:].sum(axis=1)
+    return [tuple(int(v) for v in idx[i]) for i in ok[np.argsort(escalated, kind="stable")][:k]]
+
+
 def extremes(profile: QualityProfile) -> tuple[float, float]:
     """(z1*, z2*): mean quality when everything goes to the last stage / stops at the first."""
     means = profile.quality_scores.mean(axis=0)
@@ -191,12 +207,15 @@ class _Evaluator:
 def search_routing(profile: QualityProfile, latency_of_shares: LatencyOfShares, q_min: float, *,
                    mu: float = 1e4, share_quantum: float = 0.05, max_points_per_stage: int = 64,
                    coarse_points: int = 9, stable_rounds: int = 3, max_rounds: int = 30, rel_tol: float = 1e-6,
-                   n_weights: int = 21, progress: Callable[[int], None] | None = None) -> RoutingSearchResult:
+                   n_weights: int = 21, target_seeds: int = 2, progress: Callable[[int], None] | None = None) -> RoutingSearchResult:
     """Minimise J(θ) for ``q_min`` and trace the Tchebycheff front over the evaluated θ.
 
     ``mu`` is in the latency's unit per unit of normalised quality shortfall; the default
     makes any shortfall cost more than any latency a real plan has, so a θ that meets the
-    target always beats one that does not. ``progress(n)`` is told of n new evaluations.
+    target always beats one that does not. The first batch is the coarse grid plus the
+    ``target_seeds`` grid points that meet ``q_min`` with the fewest escalations, so the
+    search finds a feasible θ whenever the grid has one. ``progress(n)`` is told of n new
+    evaluations.
     """
     z1, z2 = extremes(profile)
     grids = threshold_grid(profile, max_points_per_stage)
@@ -216,6 +235,7 @@ def search_routing(profile: QualityProfile, latency_of_shares: LatencyOfShares, 
     coarse = [coarse_indices(g, coarse_points) for g in grids]
     steps = [max(1, int(np.max(np.diff(c)))) if len(c) > 1 else 1 for c in coarse]
     start = list(itertools.product(*[c.tolist() for c in coarse])) if grids else [()]
+    start += [iv for iv in least_escalation_points(profile, grids, q_min, target_seeds) if iv not in start]
     scored = [(j_of(p), iv) for p, iv in zip(run(start), start)]
     best_j, best_iv = min(scored)
     stable = rounds = 0

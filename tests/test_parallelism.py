@@ -101,3 +101,37 @@ def test_a_stage_nobody_visits_is_free_at_its_smallest_layout():
     empty = Trace("empty", np.zeros(0), np.zeros(0, dtype=int), np.zeros(0, dtype=int))
     table = latency_table(LLAMA8, H100, empty, max_gpus=4, gpus_per_node=8, use_cache=False)
     assert [table[f].p95_latency_s for f in (1, 2, 3, 4)] == [0.0] * 4 and table[4].layouts == (Layout(1),)
+
+
+def test_backlog_rule_reads_slowdowns_not_raw_latency():
+    from planner.parallelism import backlogged
+
+    n = 400
+    unloaded = np.linspace(1.0, 20.0, n)  # later requests are simply longer (the conv mix drifts)
+    assert not backlogged(unloaded * 1.1, unloaded, duration_s=40.0)  # light load: slowdown ~1.1 throughout
+    queue = np.linspace(0.0, 30.0, n)  # a queue that grows by 30 s over a 40 s window
+    assert backlogged(unloaded + queue, unloaded, duration_s=40.0)
+    flat = np.full(n, 2.0)
+    assert backlogged(flat + queue, flat, duration_s=40.0)
+    # a busy but steady layout (slowdown 3 from start to end) has no backlog
+    assert not backlogged(flat * 3.0, flat, duration_s=40.0)
+
+
+def test_table_window_covers_the_minimum_duration_within_bounds():
+    from planner.parallelism import table_window
+
+    t = Trace("t", np.arange(5000) * 0.01, np.full(5000, 10), np.full(5000, 10))  # 100 req/s, 50 s
+    assert table_window(t, min_requests=256, min_window_s=20.0, max_requests=4096) == 2001  # 0..20 s inclusive
+    assert table_window(t, min_requests=256, min_window_s=20.0, max_requests=1024) == 1024
+    assert table_window(t, min_requests=256, min_window_s=0.5, max_requests=1024) == 256
+    assert table_window(t.select(slice(0, 100)), min_requests=256, min_window_s=20.0, max_requests=1024) == 100
+    assert table_window(t, min_requests=256, min_window_s=20.0, max_requests=100) == 100
+
+
+def test_a_stage_well_below_capacity_is_not_flagged_overloaded():
+    """Regression: with the raw-latency backlog rule, the 7B's table on a 256-request window
+    of conv x10 came out overloaded at every GPU count (later requests are longer)."""
+    trace = scale_time(load_trace(builtin_trace_path("azure-conv")).select(slice(0, 1400)), 0.1)
+    table = latency_table(get_model("deepseek-r1-distill-qwen-7b"), H100, trace, max_gpus=12, gpus_per_node=8,
+                          use_cache=False, max_requests=256, min_requests=256, processes=1)
+    assert not table[12].overloaded and table[12].p95_latency_s < 60.0

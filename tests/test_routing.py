@@ -145,3 +145,35 @@ def test_pareto_filter_drops_dominated_and_infinite_points():
            [(1, 0.5), (2, 0.4), (3, 0.9), (math.inf, 1.0), (3, 0.8)]]
     assert [(p.latency_s, p.quality) for p in pareto_filter(pts)] == [(1, 0.5), (3, 0.9)]
     assert [(p.latency_s, p.quality) for p in tchebycheff_front(pts)] == [(1, 0.5), (3, 0.9)]
+
+
+def test_target_seeds_are_the_least_escalating_feasible_grid_points():
+    from planner.routing import least_escalation_points
+
+    prof = synthetic_profile([70, 80, 90], seed=7, n_requests=300)
+    grids = threshold_grid(prof, 16)
+    q_min = 87.0
+    seeds = least_escalation_points(prof, grids, q_min, k=3)
+    every = list(itertools.product(*[range(len(g)) for g in grids]))
+    rep = replay(prof, np.array([[grids[s][i] for s, i in enumerate(iv)] for iv in every]))
+    feasible = [(rep.stage_shares[k, 1:].sum(), iv) for k, iv in enumerate(every) if rep.mean_quality[k] >= q_min]
+    assert feasible and len(seeds) == 3
+    assert min(e for e, _ in feasible) == pytest.approx(sorted(feasible)[0][0])
+    seed_esc = sorted(e for e, iv in feasible if iv in seeds)
+    assert seed_esc == pytest.approx(sorted(e for e, _ in feasible)[:3])
+    assert least_escalation_points(prof, grids, 99.9, k=3) == []
+
+
+def test_search_reaches_a_target_that_only_few_grid_points_meet():
+    """A target just under the best reachable quality: the pattern search alone can stall
+    short of it on the discrete grid; the seeds guarantee a feasible answer."""
+    prof = synthetic_profile([70, 80, 90], seed=7, n_requests=300)
+    grids = threshold_grid(prof, 16)
+    every = np.array(list(itertools.product(*grids)))
+    q_best = float(replay(prof, every).mean_quality.max())
+
+    def latency(shares):  # escalation is costly, so J pulls towards low quality
+        return 1.0 + 50.0 * shares[1] + 200.0 * shares[2], None
+
+    result = search_routing(prof, latency, q_best - 0.05, max_points_per_stage=16, coarse_points=3)
+    assert result.meets_target and result.best.quality >= q_best - 0.05 - 1e-9

@@ -109,11 +109,9 @@ def planned(system: str, models: Sequence[ModelSpec], cluster: ClusterSpec, trac
             table_requests: int = parallelism.DEFAULT_MAX_REQUESTS) -> Deployment | Infeasible:
     """Cascadia (``system == "cascadia"``) or one of its ablations, through the planner.
     ``table_requests``: how many requests of each stage's trace the latency tables simulate
-    (the planner's latency_table cuts to its first ``max_requests``)."""
-    backends = default_backends()
-    if table_requests != parallelism.DEFAULT_MAX_REQUESTS:
-        backends = dataclasses.replace(
-            backends, latency_table=functools.partial(parallelism.latency_table, max_requests=table_requests))
+    (a fixed count, set as both the planner's ``min_requests`` and ``max_requests``)."""
+    backends = dataclasses.replace(default_backends(), latency_table=functools.partial(
+        parallelism.latency_table, min_requests=table_requests, max_requests=table_requests))
     if system == "no-par-search":
         backends = dataclasses.replace(backends, latency_table=FixedShapeTable(max_requests=table_requests))
     elif system == "uniform":
@@ -179,22 +177,16 @@ class FixedShapeTable:
 
 
 def _simulated_option(model, gpu, layouts, trace, gpus_per_node, engine, alone_s) -> LayoutOption:
-    """One layout simulated on the stage trace. Backlog rule: the median *slowdown* (e2e over
-    the request's unloaded latency) of the last quarter of arrivals is over twice that of
-    the first quarter and latency rose by more than a tenth of the window. The planner's rule
-    compares raw latencies, which flags a lightly loaded layout when later requests are
-    simply longer and passes a layout already backlogged from the start."""
+    """One layout simulated on the stage trace, with the planner's overload rules
+    (unfinished requests; `parallelism.backlogged` on delays and slowdowns)."""
     res = simulate(trace, StageDeployment(model, gpu, layouts, engine, None, gpus_per_node))
     n = sum(lay.n_gpus for lay in layouts)
     if res.n_unfinished:
         penalty = parallelism.OVERLOADED_LATENCY_S * (1.0 + res.n_unfinished / len(trace)) * 2
         return LayoutOption(model.name, gpu.name, n, layouts, penalty, penalty, math.nan, True)
     e2e = res.e2e_s
-    slow = e2e / alone_s
-    quarter = max(1, len(e2e) // 4)
-    rise = float(np.median(e2e[-quarter:]) - np.median(e2e[:quarter]))
     p95, mean = float(np.percentile(e2e, 95)), float(np.mean(e2e))
-    if np.median(slow[-quarter:]) > 2.0 * np.median(slow[:quarter]) and rise > 0.1 * trace.duration_s:
+    if parallelism.backlogged(e2e, alone_s, trace.duration_s):
         return LayoutOption(model.name, gpu.name, n, layouts, parallelism.OVERLOADED_LATENCY_S + p95,
                             parallelism.OVERLOADED_LATENCY_S + mean, math.nan, True)
     return LayoutOption(model.name, gpu.name, n, layouts, p95, mean, math.nan)
@@ -241,7 +233,8 @@ def single_model(models: Sequence[ModelSpec], cluster: ClusterSpec, trace: Trace
             continue
         table = parallelism.latency_table(m, pool.gpu, trace, max_gpus=cluster.n_gpus,
                                           gpus_per_node=pool.gpus_per_node, engine=engine, cache_dir=cache_dir,
-                                          processes=processes, max_requests=table_requests)
+                                          processes=processes, min_requests=table_requests,
+                                          max_requests=table_requests)
         option = table.get(cluster.n_gpus)
         if option is not None and (best is None or option.p95_latency_s < best[0]):
             best = (option.p95_latency_s, i, option)
