@@ -117,6 +117,17 @@ def versus_added(row: Row, base: Row) -> Row:
     return Row(**{**row.__dict__, "versus": f"+{row.p50_ms - base.p50_ms:.2f} / +{row.p95_ms - base.p95_ms:.2f} ms"})
 
 
+def ignore_eos_note(rows: Sequence[Row], max_tokens: int) -> str:
+    """Whether every generating row averaged exactly `max_tokens` output tokens, i.e. whether
+    ignore_eos reached each engine (an early EOS would make a request cheaper)."""
+    generating = [r for r in rows if not r.setting.startswith("HTTP floor")]
+    off = [f"{r.part} / {r.setting} c={r.concurrency}: {r.tokens_per_request:.2f}" for r in generating
+           if r.n_ok and r.tokens_per_request != max_tokens]
+    if off:
+        return f"ignore_eos check FAILED: tokens/req != {max_tokens} in " + "; ".join(off)
+    return f"ignore_eos check: every generating row has exactly {max_tokens} tokens/req"
+
+
 def achieved_rate(records: Sequence[Record]) -> float:
     """Completed requests per second over the span from the first send to the last finish."""
     ok = [r for r in records if r.ok]
@@ -434,9 +445,8 @@ async def part_vllm(requests: list[BenchRequest], args, log) -> list[Row]:
         await web.TCPSite(runner, "127.0.0.1", port).start()
         prompts = {r.request_id: await engine.chat_prompt([{"role": "user", "content": r.question}])
                    for r in requests}
-        # The router cannot forward ignore_eos (router/openai_schema.py drops the field), so
-        # the direct call runs without it too: the same work; tokens/req shows any early EOS.
-        direct_send = engine_sender(engine, prompts, ignore_eos=False)
+        # ignore_eos everywhere: every request generates exactly max_tokens (checked at the end)
+        direct_send = engine_sender(engine, prompts, ignore_eos=True)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64), timeout=timeout) as session:
@@ -539,6 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "vllm-server" in parts:
             log("(c) vLLM's own OpenAI server")
             rows += await part_vllm_server(requests, args, log, baseline)
+        notes.append(ignore_eos_note(rows, args.max_tokens))
         notes.append(f"wall time {time.perf_counter() - t0:.0f} s")
         return rows, notes
 
