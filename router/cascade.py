@@ -15,6 +15,11 @@ judge. A client that opts out of escalation (``escalate=False``; the server maps
 ``"cascade": {"escalate": false}`` or the header ``x-cascadia-escalate: false``) gets
 stage 1 streamed at once, with no judge: plain single-model TTFT.
 
+``judge_answer``: the client also wants the judge's score of the answer it gets
+(``CascadeResult.answer_score``): an accepted stage's score is reused; an unjudged answer
+(the last stage, or a one-stage member cascade) is scored after it is generated, without
+holding its stream.
+
 Cancelling ``run`` or closing ``stream`` (client disconnect) aborts the engine request
 in flight, including one whose output is being held.
 """
@@ -61,6 +66,7 @@ class CascadeRequest:
     # Stage 1's templated prompt when the caller already made it (the server does, to check
     # the context length): saves a second chat-template call into the engine per request.
     first_stage_prompt: str | None = None
+    judge_answer: bool = False
 
     @property
     def question(self) -> str:
@@ -113,6 +119,7 @@ class CascadeResult:
     visits: tuple[StageVisit, ...] = ()
     token_ids: tuple[int, ...] = ()  # of the answer, for clients that ask for logprobs
     logprobs: tuple[float, ...] = ()
+    answer_score: float | None = None  # the judge's score of the returned answer, when asked for
 
     @property
     def escalations(self) -> int:
@@ -240,7 +247,11 @@ class Cascade:
                 await chunks.aclose()
             generate_s = self.clock() - stage_start
             if not held:
-                visits.append(StageVisit(i, stage.name, None, True, generate_s, 0.0, out.usage))
+                score, judge_s = None, 0.0
+                if req.judge_answer and self.judge is not None:
+                    score, judge_s = await self._score(gen_req, out, req)
+                    judge_total_s += judge_s
+                visits.append(StageVisit(i, stage.name, score, True, generate_s, judge_s, out.usage))
                 break
             score, judge_s = await self._score(gen_req, out, req)
             judge_total_s += judge_s
@@ -261,5 +272,6 @@ class Cascade:
                                                   judge_total_s),
             finish_reason=out.finish_reason, visits=tuple(visits),
             token_ids=tuple(t for c in out.chunks for t in c.token_ids),
-            logprobs=tuple(lp for c in out.chunks for lp in c.logprobs))
+            logprobs=tuple(lp for c in out.chunks for lp in c.logprobs),
+            answer_score=answered.score if req.judge_answer else None)
         yield StreamDelta("", answered.stage_index, answered.stage_name, tuple(scores), finished=True, result=result)

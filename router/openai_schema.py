@@ -4,7 +4,9 @@ the field), OpenAI-style error bodies, and the response/chunk shapes.
 Accepted: ``model``, ``messages`` (chat) or ``prompt`` (completions), ``max_tokens`` (or
 ``max_completion_tokens``), ``temperature``, ``top_p``, ``stop``, ``seed``, ``n`` (1 only),
 ``stream``, ``stream_options.include_usage``, and Cascadia's own
-``cascade: {"escalate": bool}``. Other fields are ignored, as OpenAI-compatible servers do.
+``cascade: {"escalate": bool, "judge_answer": bool}`` (``judge_answer``: also score the
+returned answer with the server's judge, e.g. a direct member call, so clients can build
+quality profiles). Other fields are ignored, as OpenAI-compatible servers do.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class CompletionParams:
     escalate: bool
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks rely on it)
     logprobs: bool = False  # return each sampled token's logprob (non-streaming responses)
+    judge_answer: bool = False  # score the returned answer with the judge (cascade.answer_score)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -182,11 +185,13 @@ def parse_request(body: dict, *, chat: bool) -> CompletionParams:
     if cascade is not None and not isinstance(cascade, dict):
         raise _wrong_type("cascade", "an object like {\"escalate\": false}", cascade)
     escalate = _boolean(cascade or {}, "escalate", True, "cascade.escalate")
+    judge_answer = _boolean(cascade or {}, "judge_answer", False, "cascade.judge_answer")
     return CompletionParams(
         model=model, messages=messages, prompt=prompt, max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0), top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
         stop=_stop(body), seed=seed, stream=stream, include_usage=include_usage, escalate=escalate,
-        ignore_eos=_boolean(body, "ignore_eos", False), logprobs=_logprobs_flag(body, chat))
+        ignore_eos=_boolean(body, "ignore_eos", False), logprobs=_logprobs_flag(body, chat),
+        judge_answer=judge_answer)
 
 
 def _logprobs_flag(body: dict, chat: bool) -> bool:

@@ -5,7 +5,9 @@ member) -> ``Cascade.run`` / ``Cascade.stream``. Engines are injected, so the sa
 serves vLLM engines on Ray, simulated engines or test fakes.
 
 - ``model`` = the cascade's name goes through the cascade; a member's name goes straight
-  to that engine (a one-stage cascade, no judge).
+  to that engine (a one-stage cascade: never judged, unless the client asks for the
+  answer's score with ``cascade: {"judge_answer": true}``, answered in
+  ``cascade.answer_score`` by the cascade's own judge).
 - The answering stage and the judge scores come back in the ``cascade`` JSON field (and
   on every SSE chunk) and the ``x-cascadia-stage`` header. In streaming the header is
   sent once the answering stage is known, i.e. after held stages were judged.
@@ -62,7 +64,8 @@ def make_app(cascade: Cascade, *, model_name: str, member_engines: Mapping[str, 
         raise ValueError(f"the cascade's name {model_name!r} is also a member's name")
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_request_id_and_errors])
     app[_CASCADE] = cascade
-    app[_MEMBERS] = {name: Cascade([Stage(name, engine, None)], None) for name, engine in member_engines.items()}
+    app[_MEMBERS] = {name: Cascade([Stage(name, engine, None)], cascade.judge)
+                     for name, engine in member_engines.items()}
     app[_MODEL] = model_name
     app[_METRICS] = metrics
     app[_CREATED] = int(time.time())
@@ -144,7 +147,7 @@ async def _cascade_request(request: web.Request, params: CompletionParams, targe
     return CascadeRequest(request_id=request[_RID], max_tokens=max_tokens, messages=params.messages,
                           prompt=params.prompt, temperature=params.temperature, top_p=params.top_p, stop=params.stop,
                           seed=params.seed, ignore_eos=params.ignore_eos, escalate=escalate,
-                          first_stage_prompt=text)
+                          first_stage_prompt=text, judge_answer=params.judge_answer)
 
 
 def _cascade_field(stage_index: int, stage_name: str, scores: tuple[float, ...],
@@ -154,6 +157,8 @@ def _cascade_field(stage_index: int, stage_name: str, scores: tuple[float, ...],
     if result is not None:
         field["escalations"] = result.escalations
         field["judge_s"] = result.timings.judge_s
+        if result.answer_score is not None:
+            field["answer_score"] = result.answer_score if math.isfinite(result.answer_score) else None
     return field
 
 
@@ -209,6 +214,11 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
     except EngineError as e:
         metrics.record_failure(params.model, "engine_error")
         log.warning("request %s: engine error: %s", creq.request_id, e)
+        if params.stream and response.prepared:
+            # the error event is already in the stream: end it cleanly, or a second response would
+            # be written into the keep-alive connection and garble the client's next request
+            await response.write_eof()
+            return response
         raise RequestError(f"engine failed: {e}", type="server_error", code="engine_error", status=503) from None
     metrics.record_result(params.model, result)
     log.info("request %s: model=%s stage=%s scores=%s e2e=%.3fs", creq.request_id, params.model, result.stage_name,

@@ -129,7 +129,7 @@ def _prompt_source(args):
     from cascadia.errors import FileFormatError
 
     try:
-        return pr.FilePrompts(pr.load_prompt_file(args.prompts), args.prompts, counter)
+        return pr.FilePrompts(list(pr.load_prompt_file(args.prompts).values()), args.prompts, counter)
     except (FileFormatError, ValueError) as e:
         raise _usage(f"--prompts: {e}") from None
 

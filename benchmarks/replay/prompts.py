@@ -129,9 +129,10 @@ class FilePrompts:
         return self.counter.count(text)
 
 
-def load_prompt_file(name: str) -> list[str]:
-    """First-turn MT-Bench questions from ``name`` (a question.jsonl path or ``mtbench``)."""
+def load_prompt_file(name: str) -> dict[str, str]:
+    """First-turn MT-Bench questions from ``name`` (a question.jsonl path or ``mtbench``),
+    by request id (``"81-1"``, as in the shipped MT-Bench judgements)."""
     from cascadia.quality import load_mtbench_prompts
 
     prompts = load_mtbench_prompts(None if name in BUILTIN_PROMPTS else name)
-    return [text for key, text in prompts.items() if key.endswith("-1")]
+    return {key: text for key, text in prompts.items() if key.endswith("-1")}
