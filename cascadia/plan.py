@@ -162,6 +162,9 @@ class Plan:
     input_hashes: tuple[tuple[str, str], ...]
     front: tuple[FrontPoint, ...] = ()
     search: tuple[tuple[str, float], ...] = ()  # grid size, evaluations, memo hits, wall time...
+    # (cascade label "a -> b", predicted e2e p95 s or nan, why not planned) for every
+    # sub-cascade the planner considered; empty when it planned the requested cascade only
+    alternatives: tuple[tuple[str, float, str], ...] = ()
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -200,6 +203,8 @@ class Plan:
             "input_hashes": dict(self.input_hashes),
             "front": [dataclasses.asdict(p) for p in self.front],
             "search": dict(self.search),
+            "alternatives": [{"cascade": c, "predicted_e2e_p95_s": p95, "not_planned": why}
+                             for c, p95, why in self.alternatives],
         }
 
     def save(self, path: str | Path) -> None:
@@ -390,6 +395,9 @@ def _parse_plan(root: _Node) -> Plan:
         if root.opt("front").value is not None else (),
         search=tuple((str(k), float(v)) for k, v in root.opt("search").mapping().items())
         if root.opt("search").value is not None else (),
+        alternatives=tuple((a.field("cascade").text(), a.field("predicted_e2e_p95_s").number(nullable=True),
+                            str(a.field("not_planned").value or "")) for a in root.opt("alternatives").items())
+        if root.opt("alternatives").value is not None else (),
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import time
@@ -61,6 +62,10 @@ class PlannerOptions:
     # distribution, so one seed can land on either side (and re-scoring would pick the lucky one).
     prediction_seeds: int = 3
     seed: int = 0
+    # Also plan every sub-cascade (the cascade's models in order with some left out, down to
+    # the last model alone) and keep the one predicted fastest: beyond the paper, whose
+    # planner always routes through every stage even when that is slower than skipping one.
+    sub_cascades: bool = True
     engine: EngineConfig = field(default_factory=EngineConfig)
     cache_dir: str | None = None
     processes: int | None = None
@@ -143,8 +148,11 @@ class _DeploymentLevel:
     """latency_of_shares for the routing search: tables per (stage, share), then the MILP."""
 
     def __init__(self, models, cluster, trace, options: PlannerOptions, backends: Backends,
-                 progress: Progress | None, judge: JudgeInfo | None = None):
+                 progress: Progress | None, judge: JudgeInfo | None = None, stage_ids: Sequence[int] | None = None):
         self.models, self.cluster, self.trace = models, cluster, trace
+        # Stage sampling is seeded by the model's place in the requested cascade, so a
+        # sub-cascade's stage sees the same requests at the same share and reuses its tables.
+        self.stage_ids = tuple(stage_ids) if stage_ids is not None else tuple(range(len(models)))
         load = judge.load_on([m.name for m in models]) if judge is not None else None
         self.judge_load = load
         self.options, self.backends, self.progress = options, backends, progress
@@ -167,9 +175,10 @@ class _DeploymentLevel:
             opts: list[Any] = []
             if share > 0 or (hosts_judge and any(judged)):
                 if hosts_judge:
-                    sub = with_judge_requests(self.trace, share, judged, self.options.seed + stage, self.judge_load)
+                    sub = with_judge_requests(self.trace, share, judged, self.options.seed + self.stage_ids[stage],
+                                              self.judge_load)
                 else:
-                    sub = self.backends.stage_trace(self.trace, share, self.options.seed + stage)
+                    sub = self.backends.stage_trace(self.trace, share, self.options.seed + self.stage_ids[stage])
                 seen: set[str] = set()
                 for pool in self.cluster.pools:
                     if pool.gpu.name in seen:
@@ -303,6 +312,12 @@ def plan(cascade_models: Sequence[ModelSpec], cluster: ClusterSpec, trace: Trace
 
     ``profile`` must already be stage-named and on 0-100 (planner/quality_input.py).
     ``progress(event, n)``: events "table", "milp", "eval", "simulate".
+
+    With ``options.sub_cascades`` every sub-cascade that can reach ``q_min`` is planned too
+    (a single model needs no judge; a sub-cascade without the model that serves an LLM
+    judge is skipped), and the plan with the lowest predicted end-to-end p95 (the
+    full-cascade simulation every plan carries, whatever the MILP objective) wins; ties go
+    to the longer cascade. The plan's ``alternatives`` lists what each one predicted.
     """
     wall0 = time.perf_counter()
     models = list(cascade_models)
@@ -315,7 +330,75 @@ def plan(cascade_models: Sequence[ModelSpec], cluster: ClusterSpec, trace: Trace
         judge.load_on([m.name for m in models])
     except ValueError as e:
         return Infeasible(str(e))
-    level = _DeploymentLevel(models, cluster, trace, options, backends, progress, judge)
+    if not options.sub_cascades or len(models) == 1:
+        return _plan_cascade(models, cluster, trace, profile, q_min, quality_source, judge, options, backends,
+                             progress, tuple(range(len(models))), wall0)
+    results: list[tuple[str, Plan | Infeasible | str]] = []
+    for keep in sub_cascade_indices(len(models)):
+        label = " -> ".join(models[i].name for i in keep)
+        sub_profile = restrict_profile(profile, keep)
+        if best_reachable_quality(sub_profile, options.max_points_per_stage) < q_min - 1e-9:
+            results.append((label, "cannot reach q_min"))
+            continue
+        sub_judge = judge
+        if len(keep) == 1:
+            sub_judge = replace(judge, served_by=None)  # nothing to judge
+        elif judge.served_by and judge.served_by not in [models[i].name for i in keep]:
+            results.append((label, f"the judge's model {judge.served_by} is not in it"))
+            continue
+        out = _plan_cascade([models[i] for i in keep], cluster, trace, sub_profile, q_min,
+                            restrict_source(quality_source, keep), sub_judge, options, backends, progress, keep,
+                            time.perf_counter())
+        results.append((label, out))
+    return _best_of(results, wall0)
+
+
+def sub_cascade_indices(n_models: int) -> list[tuple[int, ...]]:
+    """Every non-empty ordered subset of the cascade's stages, the full cascade first,
+    then longer before shorter (the order ties are broken in)."""
+    subsets = [keep for r in range(n_models, 0, -1) for keep in itertools.combinations(range(n_models), r)]
+    return subsets
+
+
+def restrict_profile(profile: QualityProfile, keep: Sequence[int]) -> QualityProfile:
+    """The profile of the stages in ``keep`` (columns in that order)."""
+    cols = list(keep)
+    return replace(profile, models=tuple(profile.models[i] for i in cols),
+                   routing_scores=profile.routing_scores[:, cols], quality_scores=profile.quality_scores[:, cols])
+
+
+def restrict_source(source: QualitySource, keep: Sequence[int]) -> QualitySource:
+    pairs = source.stage_to_profile
+    return replace(source, stage_to_profile=tuple(pairs[i] for i in keep if i < len(pairs)))
+
+
+def _best_of(results: list[tuple[str, Any]], wall0: float) -> Plan | Infeasible:
+    plans = [(label, p) for label, p in results if isinstance(p, Plan)]
+    if not plans:
+        reasons = "; ".join(f"{label}: {p if isinstance(p, str) else p.reason}" for label, p in results)
+        return Infeasible(f"no cascade or sub-cascade has a plan ({reasons})")
+    # ties (within 0.1%) go to the earlier, longer cascade
+    best_label, best = plans[0]
+    for label, p in plans[1:]:
+        if p.prediction.e2e_p95_s < best.prediction.e2e_p95_s * (1 - 1e-3):
+            best_label, best = label, p
+    alternatives = tuple((label, float(p.prediction.e2e_p95_s) if isinstance(p, Plan) else math.nan,
+                          "" if isinstance(p, Plan) else (p if isinstance(p, str) else p.reason))
+                         for label, p in results)
+    totals: dict[str, float] = {}
+    for _, p in plans:
+        for k, v in p.search:
+            totals[k] = totals.get(k, 0.0) + v
+    totals["sub_cascades_planned"] = float(len(plans))
+    totals["planner_wall_s"] = time.perf_counter() - wall0
+    return replace(best, alternatives=alternatives, search=tuple(totals.items()))
+
+
+def _plan_cascade(models: list[ModelSpec], cluster: ClusterSpec, trace: Trace, profile: QualityProfile, q_min: float,
+                  quality_source: QualitySource, judge: JudgeInfo, options: PlannerOptions, backends: Backends,
+                  progress: Progress | None, stage_ids: Sequence[int], wall0: float) -> Plan | Infeasible:
+    """The bi-level search for one cascade (inputs already checked)."""
+    level = _DeploymentLevel(models, cluster, trace, options, backends, progress, judge, stage_ids)
     search = search_routing(
         profile, level, q_min, share_quantum=options.share_quantum, max_points_per_stage=options.max_points_per_stage,
         coarse_points=options.coarse_points, stable_rounds=options.stable_rounds,
@@ -375,12 +458,15 @@ class ReplanDecision:
 
 def replan(current: Plan, recent: Trace, profile: QualityProfile, *, quality_source: QualitySource,
            margin: float = 0.15, slo_p95_s: float | None = None, options: PlannerOptions | None = None,
-           backends: Backends | None = None) -> ReplanDecision:
+           backends: Backends | None = None, cascade_models: Sequence[ModelSpec] | None = None) -> ReplanDecision:
     """Re-plan for ``recent`` only when it pays: the new plan's predicted end-to-end p95
     beats the current plan's on the same workload by more than ``margin`` (relative), or
     the current plan is predicted to miss ``slo_p95_s`` or to leave requests unfinished
     and the new plan does better. The margin is the hysteresis: going back needs another
-    gain of more than ``margin``, so two similar workloads do not make plans flip-flop."""
+    gain of more than ``margin``, so two similar workloads do not make plans flip-flop.
+    ``cascade_models`` (with ``profile`` in their order) is the cascade to re-plan, by
+    default the plan's own models: pass the requested cascade when the current plan is a
+    sub-cascade of it, so a skipped stage can come back."""
     from cascadia.plan_diff import PlanDiff, diff
 
     opts = options or PlannerOptions(objective=current.prediction.objective, solver=current.prediction.solver
@@ -389,7 +475,8 @@ def replan(current: Plan, recent: Trace, profile: QualityProfile, *, quality_sou
     keep = PlanDiff((), tuple((i, r) for i, s in enumerate(current.stages) for r in s.replicas))
     now = e2e_p95(current, recent, opts.seed, opts.prediction_seeds)
     target = current.quality.target if current.quality.target is not None else current.quality.predicted
-    new = plan(current.models, current.cluster, recent, profile, target, quality_source=quality_source,
+    new = plan(list(cascade_models or current.models), current.cluster, recent, profile, target,
+               quality_source=quality_source,
                judge=current.judge, options=opts, backends=backends)
     if isinstance(new, Infeasible):
         return ReplanDecision(False, current, keep, now, math.inf, f"kept: re-planning failed ({new.reason})")

@@ -43,6 +43,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                    help="max-stage: the paper's worst-stage p95; end-to-end: a request's latency summed over "
                         "the stages it visits (MILP surrogate, re-scored by simulation)")
     p.add_argument("--solver", choices=["cbc", "highs"], default="cbc", help="MILP solver (default cbc)")
+    p.add_argument("--no-sub-cascades", action="store_true",
+                   help="plan the full cascade only, as the paper does (default: also plan every sub-cascade "
+                        "that can reach --q-min, down to the last model alone, and keep the fastest)")
     p.add_argument("--judge-latency-ms", type=float, default=0.0,
                    help="time the judge adds after every judged stage (default 0)")
     p.add_argument("--judge-model", metavar="MODEL",
@@ -160,6 +163,13 @@ def format_plan(plan, trace_name: str, wall_s: float) -> str:
         f"{st.get('table_cache_hits', 0):.0f} cache hits); {st.get('cascade_simulations', 0):.0f} cascade "
         f"simulations; {wall_s:.1f} s",
     ]
+    if plan.alternatives:
+        lines.append(f"sub-cascades ({st.get('sub_cascades_planned', 0):.0f} planned; the search counts above are "
+                     f"their sum):")
+        chosen = " -> ".join(m.name for m in plan.models)
+        for label, p95, why in plan.alternatives:
+            mark = "*" if label == chosen else " "
+            lines.append(f"  {mark} {label}: " + (f"predicted end-to-end p95 {_fmt_s(p95)} s" if not why else why))
     return "\n".join(lines)
 
 
@@ -220,7 +230,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from planner.bilevel import Infeasible, PlannerOptions, plan
 
     opts = PlannerOptions(objective=args.objective, solver=args.solver, share_quantum=args.share_quantum,
-                          seed=args.seed, cache_dir=args.cache_dir, processes=args.processes)
+                          seed=args.seed, cache_dir=args.cache_dir, processes=args.processes,
+                          sub_cascades=not args.no_sub_cascades)
     judge = JudgeInfo(name=f"profile judge ({source.kind}: {source.source})", score_low=0.0, score_high=100.0,
                       latency_s=args.judge_latency_ms / 1e3, served_by=args.judge_model or None,
                       output_tokens=args.judge_output_tokens)

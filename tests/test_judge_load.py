@@ -36,7 +36,7 @@ def test_plan_with_a_judge_served_by_the_large_model(tmp_path):
     conv = load_trace(builtin_trace_path("azure-conv"))
     prof, src = stage_profile(load_quality(builtin_profile_path("mtbench")), CASCADE)
     judge = JudgeInfo(name="llama-3-70b as judge", score_low=0, score_high=100, served_by="llama-3-70b")
-    opts = PlannerOptions(cache_dir=str(tmp_path / "tables"), processes=1, seed=3)
+    opts = PlannerOptions(cache_dir=str(tmp_path / "tables"), processes=1, seed=3, sub_cascades=False)
     p = plan([get_model(m) for m in CASCADE], parse_cluster("1x8xH100"), window(conv, 0, 300), prof, 88.0,
              quality_source=src, judge=judge, options=opts)
     assert isinstance(p, Plan), p

@@ -24,7 +24,7 @@ def plan_file(tmp_path_factory):
     prof, src = stage_profile(load_quality(builtin_profile_path("mtbench")), CASCADE)
     p = plan([get_model(m) for m in CASCADE], parse_cluster("1x8xH100"),
              window(load_trace(builtin_trace_path("azure-conv")), 0, 120), prof, 88.0, quality_source=src,
-             options=PlannerOptions(cache_dir=str(tmp / "tables"), processes=1, seed=2))
+             options=PlannerOptions(cache_dir=str(tmp / "tables"), processes=1, seed=2, sub_cascades=False))
     path = tmp / "plan.json"
     p.save(path)
     return path, p
