@@ -3,6 +3,7 @@ engines that fail on purpose): records, statuses, recorded errors, the arrival s
 the concurrency cap and one-line exit-2 errors."""
 
 import asyncio
+import re
 import json
 import threading
 
@@ -227,3 +228,31 @@ def test_gamma_arrivals_have_the_mean_rate_and_burstier_spread():
     cv = lambda x: np.diff(x).std() / np.diff(x).mean()  # noqa: E731
     assert cv(poisson) == pytest.approx(1.0, abs=0.1) and cv(bursty) == pytest.approx(2.0, abs=0.4)
     assert np.array_equal(arrival_schedule(trace, None), trace.arrival_s)
+
+
+def test_logprobs_of_chat_and_completions_chunks_make_the_judge_score():
+    from benchmarks.replay.client import _read_event
+    from benchmarks.replay.records import ReplayRecord
+
+    rec = ReplayRecord(index=0, request_id="a", scheduled_s=0.0, input_tokens=1, max_tokens=3, status=OK)
+    _read_event({"choices": [{"delta": {"content": "hi"}, "logprobs": {"content": [{"logprob": -0.5}]}}]}, rec, 1.0)
+    _read_event({"choices": [{"text": " there", "logprobs": {"token_logprobs": [-0.1, -0.3]}}]}, rec, 2.0)
+    assert rec.token_times_s == [1.0, 2.0] and rec.logprob_tokens == 3
+    assert rec.judge_score() == pytest.approx(100 * np.exp(-0.3))
+    rec.answer_score = 42.0  # the server's own judge wins
+    assert rec.judge_score() == 42.0
+
+
+def test_server_judge_scores_reach_the_report(sim_server, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    rc = main(["replay", "--url", sim_server.url, "--trace", "azure-conv", "--limit", "6", "--rate", "20",
+               "--length-scale", "0.05", "--tokenizer", "none", "--no-progress", "--out", str(out),
+               "--extra-body", '{"cascade": {"judge_answer": true}, "temperature": 0}'])
+    assert rc == 0
+    recs = read_records(out)
+    assert all(r.answer_score is not None and 0 <= r.answer_score <= 100 for r in recs)
+    assert all(r.answer_score == pytest.approx(r.scores[0]) for r in recs if r.stage == 0)
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    mean = np.mean([r.answer_score for r in recs])
+    assert re.search(rf"judge score mean \(n\)\s+{mean:.1f} \(6\)", capsys.readouterr().out)

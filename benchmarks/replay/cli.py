@@ -47,6 +47,11 @@ def add_replay_parsers(sub) -> None:
     p.add_argument("--tokenizer", help="local Hugging Face model directory whose tokenizer sizes prompts "
                                        "(default: the SmolLM2 cache directory if present; 'none' = ~1 token "
                                        "per word)")
+    p.add_argument("--no-ignore-eos", action="store_true",
+                   help="let answers stop at EOS (default: ignore_eos, exactly the traced output length)")
+    p.add_argument("--logprobs", action="store_true",
+                   help="ask for the sampled tokens' logprobs (the report's judge score for servers without "
+                        "Cascadia's judge_answer: 100 x exp(mean logprob), the logprob judge)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
     p.add_argument("--extra-body", metavar="JSON", help="JSON object merged into every request body, e.g. "
                                                         "'{\"temperature\": 0}'")
@@ -185,7 +190,8 @@ def cmd_replay(args) -> int:
     requests = build_requests(trace, schedule, source)
     endpoint = args.endpoint or ("chat" if args.prompts else "completions")
     cfg = ClientConfig(url=args.url, model=model, endpoint=endpoint, max_concurrency=args.max_concurrency,
-                       request_timeout_s=args.request_timeout, extra_body=extra)
+                       request_timeout_s=args.request_timeout, extra_body=extra,
+                       ignore_eos=not args.no_ignore_eos, logprobs=args.logprobs)
     arrivals = f"Poisson/gamma {args.rate:g} req/s (burstiness {args.burstiness:g})" if args.rate \
         else f"trace timestamps x{args.time_scale:g}"
     print(f"replaying {len(requests)} requests of {trace.name} to {args.url} model {model!r} ({endpoint}); "
@@ -198,7 +204,7 @@ def cmd_replay(args) -> int:
     write_records(records, args.out)
     meta = {"url": args.url, "model": model, "endpoint": endpoint, "trace": trace.name, "requests": len(records),
             "arrivals": arrivals, "length_scale": args.length_scale, "prompts": source.description,
-            "max_concurrency": args.max_concurrency, "extra_body": extra}
+            "max_concurrency": args.max_concurrency, "extra_body": extra, "ignore_eos": not args.no_ignore_eos}
     Path(str(args.out) + ".meta.json").write_text(json.dumps(meta, indent=1))
     failed = sum(r.status != OK for r in records)
     errors = sorted({r.error for r in records if r.error})[:3]

@@ -61,6 +61,7 @@ class ClientConfig:
     max_concurrency: int | None = None
     request_timeout_s: float = 600.0
     ignore_eos: bool = True
+    logprobs: bool = False  # ask for the sampled tokens' logprobs (recorded as a sum and a count)
     extra_body: dict = field(default_factory=dict)  # merged into every request body
 
 
@@ -73,6 +74,8 @@ def request_body(cfg: ClientConfig, req: ReplayRequest) -> dict:
         body["messages"] = [{"role": "user", "content": req.prompt}]
     else:
         body["prompt"] = req.prompt
+    if cfg.logprobs:
+        body["logprobs"] = True if cfg.endpoint == "chat" else 1
     return body | cfg.extra_body
 
 
@@ -91,6 +94,18 @@ def _chunk_text(choice: dict) -> str:
     return choice.get("text") or ""
 
 
+def _add_logprobs(lp, rec: ReplayRecord) -> None:
+    """OpenAI chat (``content: [{logprob}]``) or completions (``token_logprobs``) shapes."""
+    if not isinstance(lp, dict):
+        return
+    items = [c.get("logprob") for c in lp.get("content") or [] if isinstance(c, dict)]
+    items += list(lp.get("token_logprobs") or [])
+    values = [float(x) for x in items if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    if values:
+        rec.logprob_sum = (rec.logprob_sum or 0.0) + sum(values)
+        rec.logprob_tokens += len(values)
+
+
 def _read_event(doc: dict, rec: ReplayRecord, now: float) -> bool:
     """Update ``rec`` from one SSE event; True when it reported an error."""
     if "error" in doc:
@@ -99,6 +114,7 @@ def _read_event(doc: dict, rec: ReplayRecord, now: float) -> bool:
     for choice in doc.get("choices") or []:
         if _chunk_text(choice):
             rec.token_times_s.append(now)
+        _add_logprobs(choice.get("logprobs"), rec)
     usage = doc.get("usage")
     if isinstance(usage, dict):
         rec.prompt_tokens = usage.get("prompt_tokens", rec.prompt_tokens)

@@ -49,7 +49,22 @@ class ReplayRecord:
     stage: int | None = None
     stage_name: str | None = None
     scores: list = field(default_factory=list)
-    answer_score: float | None = None
+    answer_score: float | None = None  # the server judge's score of the answer (Cascadia's judge_answer)
+    logprob_sum: float | None = None  # of the answer's sampled tokens, when the server streamed them
+    logprob_tokens: int = 0
+
+    def judge_score(self) -> float | None:
+        """The server judge's score of the answer, else the logprob judge's formula on the
+        streamed logprobs (router.judges.logprob_score), else None."""
+        if self.status != OK:
+            return None
+        if self.answer_score is not None:
+            return float(self.answer_score)
+        if self.logprob_sum is not None and self.logprob_tokens > 0:
+            from router.judges import logprob_score
+
+            return logprob_score([self.logprob_sum / self.logprob_tokens])
+        return None
 
     @property
     def ttft_s(self) -> float | None:

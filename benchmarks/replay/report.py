@@ -29,6 +29,7 @@ class Run:
     timings: RequestTimings
     input_tokens: np.ndarray
     output_tokens: np.ndarray
+    judge_scores: np.ndarray | None = None  # per request, NaN when unknown; None for simulated runs
 
 
 def _sim_run(path: Path, doc: dict, label: str) -> Run:
@@ -64,8 +65,9 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     if not text.strip():
         raise RecordsFormatError(path, None, "file is empty")
     records = read_records(path)
+    scores = np.array([np.nan if r.judge_score() is None else r.judge_score() for r in records])
     return Run(label, "live", timings(records), np.array([r.input_tokens for r in records]),
-               np.array([r.output_tokens if r.status == "ok" else r.max_tokens for r in records]))
+               np.array([r.output_tokens if r.status == "ok" else r.max_tokens for r in records]), scores)
 
 
 def parse_slo(text: str | None) -> SLO | None:
@@ -104,6 +106,9 @@ def parse_scales(text: str | None) -> tuple[float, ...]:
 
 def run_metrics(run: Run, slo: SLO | None, unloaded_s: np.ndarray | None, scales: Sequence[float]) -> dict:
     s = summarize(run.timings, slo, unloaded_s)
+    known = run.judge_scores[np.isfinite(run.judge_scores)] if run.judge_scores is not None else np.zeros(0)
+    s["judge_score_mean"] = float(known.mean()) if known.size else float("nan")
+    s["judged"] = int(known.size)
     if unloaded_s is not None:
         s["attainment_at_scale"] = {f"{x:g}": float(a) for x, a in
                                     zip(scales, attainment_curve(run.timings.e2e_s, unloaded_s, scales))}
@@ -129,6 +134,9 @@ def format_table(results: Sequence[dict]) -> str:
     for key, name in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL"), ("e2e_s", "E2E")):
         for stat in ("mean", "p50", "p90", "p95", "p99"):
             rows.append((f"{name} {'median' if stat == 'p50' else stat} ms", [_ms(r[key][stat]) for r in results]))
+    if any(r["judged"] for r in results):
+        rows.append(("judge score mean (n)", [f"{r['judge_score_mean']:.1f} ({r['judged']})" if r["judged"]
+                                              else "n/a" for r in results]))
     rows.append(("stage visited shares", [_shares(r["stage_visited_shares"]) for r in results]))
     rows.append(("stage answered shares", [_shares(r["stage_answered_shares"]) for r in results]))
     if any("slo_attainment" in r for r in results):
