@@ -19,6 +19,7 @@ import inspect
 import itertools
 import json
 import math
+import multiprocessing
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
@@ -156,7 +157,8 @@ class _DeploymentLevel:
         load = judge.load_on([m.name for m in models]) if judge is not None else None
         self.judge_load = load
         self.options, self.backends, self.progress = options, backends, progress
-        self.tables: dict[tuple[int, float], tuple[Any, ...]] = {}
+        self.tables: dict[tuple, tuple[Any, ...]] = {}
+        self._min_gpus: dict[int, int] = {}
         self.solves = 0
         # The real latency_table counts its simulations and cache hits into a TableStats.
         self.table_stats = None
@@ -165,12 +167,33 @@ class _DeploymentLevel:
 
             self.table_stats = TableStats()
 
-    def stage_options(self, stage: int, share: float, judged: tuple[float, ...] = ()) -> tuple[Any, ...]:
-        """Options for `stage` at traffic `share`; `judged` (shares of the judged stages)
-        matters only for the stage that serves an LLM judge, whose table then includes
-        the judge requests."""
+    def min_gpus(self, stage: int) -> int:
+        """GPUs of the smallest replica of the stage's model (single-type clusters), 0 if none fits."""
+        if stage not in self._min_gpus:
+            from planner.parallelism import replica_shapes
+
+            pool = self.cluster.pools[0]
+            shapes = replica_shapes(self.models[stage], pool.gpu, pool.gpus_per_node, self.options.engine,
+                                    self.cluster.n_gpus)
+            self._min_gpus[stage] = min((s.n_gpus for s in shapes), default=0)
+        return self._min_gpus[stage]
+
+    def gpu_cap(self, stage: int, shares: Sequence[float]) -> int | None:
+        """On a single-type cluster, the most GPUs `stage` can get: every other stage with
+        traffic needs at least its smallest replica. Exact (no MILP solution exceeds it),
+        and it shortens the stage's table, whose longest entries cost the most to simulate."""
+        if len(self.cluster.pools) != 1:
+            return None
+        others = sum(self.min_gpus(j) for j, s in enumerate(shares) if j != stage and s > 0)
+        return max(0, self.cluster.n_gpus - others)
+
+    def stage_options(self, stage: int, share: float, judged: tuple[float, ...] = (),
+                      cap: int | None = None) -> tuple[Any, ...]:
+        """Options for `stage` at traffic `share` on at most `cap` GPUs (None: all of each
+        type); `judged` (shares of the judged stages) matters only for the stage that
+        serves an LLM judge, whose table then includes the judge requests."""
         hosts_judge = self.judge_load is not None and self.judge_load.stage == stage
-        key = (stage, share, judged if hosts_judge else ())
+        key = (stage, share, judged if hosts_judge else (), cap)
         if key not in self.tables:
             opts: list[Any] = []
             if share > 0 or (hosts_judge and any(judged)):
@@ -184,8 +207,9 @@ class _DeploymentLevel:
                     if pool.gpu.name in seen:
                         continue
                     seen.add(pool.gpu.name)
+                    count = self.cluster.gpu_counts()[pool.gpu.name]
                     table = self.backends.latency_table(
-                        self.models[stage], pool.gpu, sub, max_gpus=self.cluster.gpu_counts()[pool.gpu.name],
+                        self.models[stage], pool.gpu, sub, max_gpus=count if cap is None else min(cap, count),
                         gpus_per_node=pool.gpus_per_node, engine=self.options.engine,
                         cache_dir=self.options.cache_dir, processes=self.options.processes,
                         **({"stats": self.table_stats} if self.table_stats is not None else {}))
@@ -197,11 +221,13 @@ class _DeploymentLevel:
 
     def __call__(self, shares: tuple[float, ...]) -> tuple[float, Any]:
         judged = tuple(shares[:-1])  # every stage but the last is judged
-        per_stage = tuple(self.stage_options(i, s, judged) for i, s in enumerate(shares))
+        busy = tuple(shares)
         if self.judge_load is not None and any(judged):
             # the judge's stage carries load even when no request stops there
             h = self.judge_load.stage
-            shares = shares[:h] + (max(shares[h], 1e-9),) + shares[h + 1:]
+            busy = busy[:h] + (max(busy[h], 1e-9),) + busy[h + 1:]
+        per_stage = tuple(self.stage_options(i, s, judged, self.gpu_cap(i, busy)) for i, s in enumerate(shares))
+        shares = busy
         if any(s > 0 and not o for s, o in zip(shares, per_stage)):
             return math.inf, Infeasible("a stage with traffic has no layout that fits")
         problem = self.backends.problem(options=per_stage, gpu_counts=self.cluster.gpu_counts(),
@@ -292,16 +318,27 @@ def _draft(models, cluster, trace, q_min, point, solution, layouts_by_stage, sea
     )
 
 
-def e2e_p95(plan: Plan, trace: Trace, seed: int, n_seeds: int = 1) -> float:
+def e2e_p95(plan: Plan, trace: Trace, seed: int, n_seeds: int = 1, processes: int | None = None) -> float:
     """p95 of the end-to-end latency pooled over ``n_seeds`` simulations (seed, seed+1, ...);
-    inf when a simulation leaves requests unfinished."""
-    pooled = []
-    for k in range(n_seeds):
-        result = simulate_plan(plan, trace, seed + k)
-        if result.n_unfinished:
-            return math.inf
-        pooled.append(result.e2e_s)
-    return float(np.percentile(np.concatenate(pooled), 95))
+    inf when a simulation leaves requests unfinished. The seeds run in up to ``processes``
+    worker processes (default 2; 1 runs them here)."""
+    seeds = [seed + k for k in range(n_seeds)]
+    workers = min(len(seeds), 2 if processes is None else processes)
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            runs = pool.starmap(_simulated_e2e, [(plan, trace, s) for s in seeds])
+    else:
+        runs = [_simulated_e2e(plan, trace, s) for s in seeds]
+    if any(r is None for r in runs):
+        return math.inf
+    return float(np.percentile(np.concatenate(runs), 95))
+
+
+def _simulated_e2e(plan: Plan, trace: Trace, seed: int) -> np.ndarray | None:
+    """Per-request end-to-end latencies of one seeded simulation; None if some request
+    never finished."""
+    result = simulate_plan(plan, trace, seed)
+    return None if result.n_unfinished else np.asarray(result.e2e_s)
 
 
 def plan(cascade_models: Sequence[ModelSpec], cluster: ClusterSpec, trace: Trace, profile: QualityProfile,
@@ -418,7 +455,7 @@ def _plan_cascade(models: list[ModelSpec], cluster: ClusterSpec, trace: Trace, p
         if not isinstance(placed, (tuple, list)):
             continue  # Infeasible placement: try the next candidate
         draft = _draft(models, cluster, trace, q_min, point, solution, placed, search, quality_source, judge, options)
-        p95 = e2e_p95(draft, trace, options.seed, options.prediction_seeds)
+        p95 = e2e_p95(draft, trace, options.seed, options.prediction_seeds, options.processes)
         simulations += options.prediction_seeds
         if progress:
             progress("simulate", 1)
@@ -473,7 +510,7 @@ def replan(current: Plan, recent: Trace, profile: QualityProfile, *, quality_sou
                                      if current.prediction.solver in ("cbc", "highs") else "cbc",
                                      engine=current.engine, seed=current.prediction.simulation_seed)
     keep = PlanDiff((), tuple((i, r) for i, s in enumerate(current.stages) for r in s.replicas))
-    now = e2e_p95(current, recent, opts.seed, opts.prediction_seeds)
+    now = e2e_p95(current, recent, opts.seed, opts.prediction_seeds, opts.processes)
     target = current.quality.target if current.quality.target is not None else current.quality.predicted
     new = plan(list(cascade_models or current.models), current.cluster, recent, profile, target,
                quality_source=quality_source,

@@ -62,7 +62,7 @@ from cascadia.specs.gpu import GPUSpec
 from cascadia.specs.model import ModelSpec
 from cascadia.traces import Trace
 
-TABLE_CODE_VERSION = "parallelism-2"  # bump when the search or the simulator changes results
+TABLE_CODE_VERSION = "parallelism-3"  # bump when the search or the simulator changes results
 OVERLOADED_LATENCY_S = 1000.0
 OVERLOAD_CAPACITY_FACTOR = 1.0  # offered rate / estimated capacity above which a layout is overloaded
 DEFAULT_MAX_REQUESTS = 1024
@@ -230,12 +230,13 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     return Path(base) / "tables" if base else Path.home() / ".cache" / "cascadia" / "tables"
 
 
-def table_key(model: ModelSpec, gpu: GPUSpec, trace: Trace, *, max_gpus: int, gpus_per_node: int,
+def table_key(model: ModelSpec, gpu: GPUSpec, trace: Trace, *, gpus_per_node: int,
               engine: EngineConfig, efficiency: Efficiency | None, min_gain: float) -> str:
-    """Hash of everything a table depends on."""
+    """Hash of everything a table depends on but its length: a cached table for more GPUs
+    serves a request for fewer (its first entries), so `max_gpus` is not in the key."""
     h = hashlib.sha256()
     doc = {"code": TABLE_CODE_VERSION, "model": model.to_dict(), "gpu": gpu.to_dict(), "engine": engine.to_dict(),
-           "efficiency": efficiency.to_dict() if efficiency else None, "max_gpus": max_gpus,
+           "efficiency": efficiency.to_dict() if efficiency else None,
            "gpus_per_node": gpus_per_node, "min_gain": min_gain, "hash_block_tokens": trace.hash_block_tokens}
     h.update(json.dumps(doc, sort_keys=True, default=str).encode())
     for arr in (trace.arrival_s, trace.input_tokens, trace.output_tokens):
@@ -250,21 +251,25 @@ def _option_to_json(o: LayoutOption) -> dict:
             "mean": o.mean_latency_s, "max_rate": o.max_rate_rps, "overloaded": o.overloaded}
 
 
-def _load_cached(path: Path, model: str, gpu: str) -> dict[int, LayoutOption] | None:
+def _load_cached(path: Path, model: str, gpu: str, max_gpus: int) -> tuple[dict[int, LayoutOption], int] | None:
+    """(the cached table's entries up to `max_gpus`, the GPU count it was built for), or
+    None when there is no readable cached table (rebuild)."""
     try:
         doc = json.loads(path.read_text())
+        built_for = int(doc["max_gpus"])
         return {int(e["n_gpus"]): LayoutOption(model, gpu, int(e["n_gpus"]),
                                                tuple(Layout(tp, pp) for tp, pp in e["layouts"]), float(e["p95"]),
                                                float(e["mean"]), float(e["max_rate"]), bool(e["overloaded"]))
-                for e in doc["options"]}
+                for e in doc["options"] if int(e["n_gpus"]) <= max_gpus}, built_for
     except (OSError, ValueError, KeyError, TypeError):
-        return None  # absent or unreadable: rebuild
+        return None
 
 
-def _store(path: Path, table: dict[int, LayoutOption]) -> None:
+def _store(path: Path, table: dict[int, LayoutOption], max_gpus: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"code": TABLE_CODE_VERSION, "options": [_option_to_json(o) for o in table.values()]}))
+    tmp.write_text(json.dumps({"code": TABLE_CODE_VERSION, "max_gpus": max_gpus,
+                               "options": [_option_to_json(o) for o in table.values()]}))
     os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
 
 
@@ -289,15 +294,18 @@ def latency_table(model: ModelSpec, gpu: GPUSpec, trace_for_stage: Trace, *, max
     stats = stats if stats is not None else TableStats()
     n = table_window(trace_for_stage, min_requests=min_requests, min_window_s=min_window_s, max_requests=max_requests)
     trace = trace_for_stage.select(slice(0, n)) if len(trace_for_stage) > n else trace_for_stage
-    key = table_key(model, gpu, trace, max_gpus=max_gpus, gpus_per_node=gpus_per_node, engine=engine,
+    key = table_key(model, gpu, trace, gpus_per_node=gpus_per_node, engine=engine,
                     efficiency=efficiency, min_gain=min_gain)
     path = _cache_root(cache_dir) / f"{model.name}--{gpu.name}--{key}.json"
+    prefix: dict[int, LayoutOption] = {}
     if use_cache:
-        cached = _load_cached(path, model.name, gpu.name)
-        if cached is not None:
+        cached = _load_cached(path, model.name, gpu.name, max_gpus)
+        if cached is not None and cached[1] >= max_gpus:
             stats.cache_hits += 1
-            return cached
+            return cached[0]
         stats.cache_misses += 1
+        if cached is not None:  # built for fewer GPUs: extend it rather than start over
+            prefix = cached[0]
     shapes = replica_shapes(model, gpu, gpus_per_node, engine, max_gpus)
     ctx = {"model": model, "gpu": gpu, "engine": engine, "efficiency": efficiency, "gpus_per_node": gpus_per_node,
            "trace": trace}
@@ -309,17 +317,20 @@ def latency_table(model: ModelSpec, gpu: GPUSpec, trace_for_stage: Trace, *, max
     else:
         _init_worker(ctx)
     try:
-        table = _search(model, gpu, shapes, trace, max_gpus, min_gain, pool, stats, progress)
+        table = _search(model, gpu, shapes, trace, max_gpus, min_gain, pool, stats, progress, prefix)
     finally:
         if pool is not None:
             pool.close()
             pool.join()
     if use_cache:
-        _store(path, table)
+        _store(path, table, max_gpus)
     return table
 
 
-def _search(model, gpu, shapes, trace, max_gpus, min_gain, pool, stats, progress) -> dict[int, LayoutOption]:
+def _search(model, gpu, shapes, trace, max_gpus, min_gain, pool, stats, progress,
+            prefix: dict[int, LayoutOption] | None = None) -> dict[int, LayoutOption]:
+    """The table for f = 1..max_gpus; `prefix` (a table built for fewer GPUs, f = 1..k)
+    is kept and the search resumes at k + 1 from its best option."""
     table: dict[int, LayoutOption] = {}
     if not shapes:
         return table
@@ -337,6 +348,10 @@ def _search(model, gpu, shapes, trace, max_gpus, min_gain, pool, stats, progress
     want_tasks = 2 * (getattr(pool, "_processes", 1) or 1) if pool is not None else 1
     best: LayoutOption | None = None
     f = 1
+    if prefix:
+        table.update(prefix)
+        f = max(prefix) + 1
+        best = prefix[max(prefix)]
     while f <= max_gpus:
         if best is not None and not best.overloaded and best.p95_latency_s <= floor_all * (1 + min_gain):
             stats.pruned += len(_layouts_using(shapes, f))

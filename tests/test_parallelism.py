@@ -74,8 +74,18 @@ def test_table_is_monotone_and_cached(conv, tmp_path):
                            max_requests=160, stats=again)
     assert again.simulations == 0 and again.cache_hits == 1
     assert cached == table
+    # a shorter table is the cached one's first entries; a longer one is built
+    shorter = latency_table(LLAMA70, H100, trace, max_gpus=12, gpus_per_node=8, cache_dir=tmp_path,
+                            max_requests=160, stats=again)
+    assert again.cache_hits == 2 and shorter == {f: o for f, o in table.items() if f <= 12}
+    longer = latency_table(LLAMA70, H100, trace, max_gpus=28, gpus_per_node=8, cache_dir=tmp_path,
+                           max_requests=160, stats=again)
+    assert again.cache_misses == 1 and again.simulations > 0 and sorted(longer) == list(range(4, 29))
+    assert {f: o for f, o in longer.items() if f <= 24} == table  # extended, not rebuilt
+    fresh = latency_table(LLAMA70, H100, trace, max_gpus=28, gpus_per_node=8, use_cache=False, max_requests=160)
+    assert fresh == longer
     # another workload is another key
-    other = table_key(LLAMA70, H100, scale_time(conv, 0.6).select(slice(0, 160)), max_gpus=24, gpus_per_node=8,
+    other = table_key(LLAMA70, H100, scale_time(conv, 0.6).select(slice(0, 160)), gpus_per_node=8,
                       engine=EngineConfig(), efficiency=None, min_gain=0.02)
     assert len(list(tmp_path.iterdir())) == 1 and other not in next(tmp_path.iterdir()).name
 

@@ -140,8 +140,8 @@ class FixedShapeTable:
                  stats: TableStats | None = None) -> dict[int, LayoutOption]:
         cap = self.max_requests
         trace = trace_for_stage.select(slice(0, cap)) if len(trace_for_stage) > cap else trace_for_stage
-        key = parallelism.table_key(model, gpu, trace, max_gpus=max_gpus, gpus_per_node=gpus_per_node, engine=engine,
-                                    efficiency=None, min_gain=self.min_gain)
+        key = parallelism.table_key(model, gpu, trace, gpus_per_node=gpus_per_node, engine=engine,
+                                    efficiency=None, min_gain=self.min_gain) + f"/{max_gpus}"
         if key in self.memo:
             if stats is not None:
                 stats.cache_hits += 1
