@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="Cascadia's deployment objective (the paper's is max-stage)")
     ap.add_argument("--cache-dir", default=None, help="latency-table cache (default: the planner's)")
     ap.add_argument("--table-requests", type=int, default=None,
-                    help="requests per stage trace in the latency tables (default 2048; the planner's own is 256)")
+                    help="requests per stage trace in the latency tables (default 2048; the planner's own default is "
+                         "20 s of traffic, 256-1024 requests)")
     args = ap.parse_args(argv)
     settings = Settings.quick_settings() if args.quick else Settings()
     if args.table_requests:

@@ -37,7 +37,7 @@ from cascadia.specs.gpu import GPUSpec
 from cascadia.specs.model import ModelSpec
 from cascadia.traces import Trace
 from planner import milp, parallelism
-from planner.bilevel import Infeasible, PlannerOptions, default_backends, plan
+from planner.bilevel import Infeasible, PlannerOptions, default_backends, plan, restrict_profile
 from planner.parallelism import LayoutOption, TableStats, replica_shapes
 from planner.quality_input import QualitySource
 from planner.routing import threshold_grid
@@ -82,6 +82,9 @@ def simulate_deployment(dep: Deployment, trace: Trace, profile: QualityProfile |
               for m, lays in zip(dep.models, dep.stage_layouts)]
     visits = None
     if len(dep.models) > 1:
+        names = [m.name for m in dep.models]
+        if profile is not None and tuple(profile.models) != tuple(names):  # a sub-cascade of the profile's
+            profile = restrict_profile(profile, [profile.models.index(n) for n in names])
         visits = visits_from_profile(profile, dep.thresholds, len(trace), seed)
         reached = int(visits.max()) if len(visits) else 0
         empty = [i for i in range(reached) if not dep.stage_layouts[i]]
