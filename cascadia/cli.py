@@ -211,7 +211,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--engine sim needs --plan (the plan says what to simulate)")
     if args.time_dilation <= 0:
         raise UsageError("--time-dilation must be > 0")
+    if args.max_body_bytes < 1024:
+        raise UsageError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
+    if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
+        raise UsageError(f"--max-tokens-limit must be at least 1, got {args.max_tokens_limit}")
+    from router.auth import AccessPolicy, KeyConfigError, load_keys
     from router.serve import DEFAULT_STAGE_NAMES, serve_main, stage_endpoints
+
+    try:
+        keys = load_keys(args.api_key, args.api_key_file)
+    except KeyConfigError as e:
+        raise UsageError(str(e)) from None
+    if args.protect_metrics and not keys:
+        raise UsageError("--protect-metrics needs an API key (--api-key, --api-key-file or $CASCADIA_API_KEYS)")
+    args.access = AccessPolicy(keys, args.protect_metrics, args.max_tokens_limit)
 
     names, planned = list(DEFAULT_STAGE_NAMES), {}
     if args.plan:
@@ -318,6 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage-endpoint", action="append", default=[], metavar="MODEL=URL[,api_key_env=VAR]",
                    help="serve stage MODEL by an external OpenAI-compatible endpoint (its replicas are not "
                         "started); the API key, if any, is read from the environment variable VAR; repeatable")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on the API (repeatable; also $CASCADIA_API_KEYS, "
+                        "comma-separated); /health stays open")
+    p.add_argument("--api-key-file", metavar="FILE", help="more API keys, one per line ('#' starts a comment)")
+    p.add_argument("--protect-metrics", action="store_true", help="/metrics needs an API key too (default open)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body accepted, larger gets 413 (default 1048576)")
+    p.add_argument("--max-tokens-limit", type=int, metavar="N",
+                   help="largest max_tokens a request may ask for (larger gets 400; requests without one get N)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("trace", help="summarise a workload trace")

@@ -278,15 +278,18 @@ async def recalibrated(stages, judge, stage_shares, n_requests: int, log) -> lis
 
 
 async def serve(dep: Deployment, host: str, port: int, *, log=print, ready: asyncio.Event | None = None,
-                stop: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set (or SIGINT/SIGTERM), then stop the engines."""
+                stop: asyncio.Event | None = None, access=None, max_body_bytes: int = 1 << 20) -> None:
+    """Serve until `stop` is set (or SIGINT/SIGTERM), then stop the engines. ``access``: a
+    router.auth.AccessPolicy (API keys, max_tokens limit); default open."""
     from aiohttp import web
 
+    from router.auth import AccessPolicy
     from router.metrics import RouterMetrics
     from router.server import make_app
 
+    access = access or AccessPolicy()
     app = make_app(dep.cascade, model_name=dep.model_name, member_engines=dep.members, metrics=RouterMetrics(),
-                   threshold_note="; ".join(dep.notes))
+                   threshold_note="; ".join(dep.notes), access=access, max_body_bytes=max_body_bytes)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -332,7 +335,10 @@ def serve_main(args) -> int:
         else:
             dep = await default_deployment(threshold=args.threshold, kv_cache_gib=args.kv_cache_gib,
                                            endpoints=endpoints, log=log)
-        await serve(dep, args.host, args.port, log=log)
+        if args.access.api_keys:
+            log(f"API keys required ({len(args.access.api_keys)} configured); /health open, /metrics "
+                + ("protected" if args.access.protect_metrics else "open"))
+        await serve(dep, args.host, args.port, log=log, access=args.access, max_body_bytes=args.max_body_bytes)
 
     from router.plan_replicas import PlanCapacityError
     from router.protocol import EngineError

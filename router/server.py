@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from typing import Mapping
 
 from aiohttp import web
 
+from router.auth import AccessPolicy
 from router.cascade import Cascade, CascadeRequest, CascadeResult, Stage
 from router.metrics import RouterMetrics
 from router.openai_schema import (CompletionParams, RequestError, chunk_body, error_body, logprobs_body, parse_json,
@@ -46,6 +48,7 @@ _MODEL = web.AppKey("model_name", str)
 _METRICS = web.AppKey("metrics", RouterMetrics)
 _CREATED = web.AppKey("created", int)
 _NOTE = web.AppKey("threshold_note", str)
+_ACCESS = web.AppKey("access", AccessPolicy)
 # typed request storage (aiohttp >= 3.12); plain string keys before that
 _RID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
 _REQ_MODEL = web.RequestKey("model", str) if hasattr(web, "RequestKey") else "model"
@@ -56,10 +59,12 @@ class ClientGone(Exception):
 
 
 def make_app(cascade: Cascade, *, model_name: str, member_engines: Mapping[str, object], metrics: RouterMetrics,
-             max_body_bytes: int = 1 << 20, threshold_note: str = "") -> web.Application:
+             max_body_bytes: int = 1 << 20, threshold_note: str = "",
+             access: AccessPolicy = AccessPolicy()) -> web.Application:
     """``member_engines``: model name -> Engine, each addressable directly. ``threshold_note``
     says where the thresholds come from (e.g. re-calibrated for a different judge) and is
-    shown in ``/v1/models``."""
+    shown in ``/v1/models``. ``access``: API keys and the per-request max_tokens limit
+    (router/auth.py)."""
     if model_name in member_engines:
         raise ValueError(f"the cascade's name {model_name!r} is also a member's name")
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_request_id_and_errors])
@@ -70,6 +75,7 @@ def make_app(cascade: Cascade, *, model_name: str, member_engines: Mapping[str, 
     app[_METRICS] = metrics
     app[_CREATED] = int(time.time())
     app[_NOTE] = threshold_note
+    app[_ACCESS] = access
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_get("/v1/models", _models)
@@ -88,6 +94,11 @@ def _json_error(status: int, body: dict, request_id: str) -> web.Response:
 async def _request_id_and_errors(request: web.Request, handler):
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
     request[_RID] = request_id
+    if not request.app[_ACCESS].allows(request.path, request.headers.get("Authorization")):
+        request.app[_METRICS].record_failure("unknown", "unauthorized")
+        log.info("request %s: 401 missing or invalid API key for %s", request_id, request.path)
+        return _json_error(401, error_body("missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                           type="invalid_request_error", code="invalid_api_key"), request_id)
     try:
         response = await handler(request)
     except RequestError as e:
@@ -183,6 +194,12 @@ async def _until_disconnect(request: web.Request, coro):
 async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
     params = parse_request(parse_json(await request.read()), chat=chat)
     request[_REQ_MODEL] = params.model
+    limit = request.app[_ACCESS].max_tokens_limit
+    if limit is not None and params.max_tokens is not None and params.max_tokens > limit:
+        raise RequestError(f"max_tokens {params.max_tokens} is above this server's limit of {limit}",
+                           param="max_tokens", code="max_tokens_too_large")
+    if limit is not None and params.max_tokens is None:
+        params = dataclasses.replace(params, max_tokens=limit)  # no request runs past the limit
     target = _target(request.app, params.model)
     creq = await _cascade_request(request, params, target)
     metrics = request.app[_METRICS]
