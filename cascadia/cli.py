@@ -211,6 +211,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--engine sim needs --plan (the plan says what to simulate)")
     if args.time_dilation <= 0:
         raise UsageError("--time-dilation must be > 0")
+    if args.drain_timeout < 0:
+        raise UsageError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout:g}")
     if args.max_body_bytes < 1024:
         raise UsageError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
@@ -378,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "comma-separated); /health stays open")
     p.add_argument("--api-key-file", metavar="FILE", help="more API keys, one per line ('#' starts a comment)")
     p.add_argument("--protect-metrics", action="store_true", help="/metrics needs an API key too (default open)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM/Ctrl-C: stop accepting, let requests in flight finish for up to S seconds, "
+                        "then stop engines and Ray (default 30)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body accepted, larger gets 413 (default 1048576)")
     p.add_argument("--max-tokens-limit", type=int, metavar="N",

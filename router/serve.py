@@ -314,19 +314,23 @@ async def recalibrated(stages, judge, stage_shares, n_requests: int, log) -> lis
 
 
 async def serve(dep: Deployment, host: str, port: int, *, log=print, ready: asyncio.Event | None = None,
-                stop: asyncio.Event | None = None, access=None, max_body_bytes: int = 1 << 20) -> None:
-    """Serve until `stop` is set (or SIGINT/SIGTERM), then stop the engines. ``access``: a
-    router.auth.AccessPolicy (API keys, max_tokens limit); default open."""
+                stop: asyncio.Event | None = None, access=None, max_body_bytes: int = 1 << 20,
+                drain_timeout_s: float = 30.0) -> None:
+    """Serve until `stop` is set (or SIGINT/SIGTERM), then shut down gracefully: stop
+    accepting connections, let the requests in flight finish for up to
+    ``drain_timeout_s`` (the rest are cancelled, which aborts their engine work), then stop
+    the engines and Ray. ``access``: a router.auth.AccessPolicy (API keys, max_tokens
+    limit); default open."""
     from aiohttp import web
 
     from router.auth import AccessPolicy
     from router.metrics import RouterMetrics
-    from router.server import make_app
+    from router.server import begin_drain, make_app, requests_cut
 
     access = access or AccessPolicy()
     app = make_app(dep.cascade, model_name=dep.model_name, member_engines=dep.members, metrics=RouterMetrics(),
                    threshold_note="; ".join(dep.notes), access=access, max_body_bytes=max_body_bytes)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=drain_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -348,9 +352,20 @@ async def serve(dep: Deployment, host: str, port: int, *, log=print, ready: asyn
     try:
         await stop.wait()
     finally:
-        log("shutting down")
+        in_flight = begin_drain(app)
+        log(f"shutting down: no new requests; draining {in_flight} in flight (deadline {drain_timeout_s:g} s)")
+        t0 = loop.time()
         await runner.cleanup()
+        # cancelled handlers still have to run their cleanup (aborting engine work): give
+        # them a bounded moment before the engines go away
+        for _ in range(100):
+            if begin_drain(app) == 0:
+                break
+            await asyncio.sleep(0.01)
+        left = requests_cut(app)
+        log(f"drained in {loop.time() - t0:.1f} s" + (f"; {left} request(s) cut at the deadline" if left else ""))
         await dep.stop()
+        log("engines stopped")
 
 
 def serve_main(args) -> int:
@@ -376,7 +391,8 @@ def serve_main(args) -> int:
         if args.access.api_keys:
             log(f"API keys required ({len(args.access.api_keys)} configured); /health open, /metrics "
                 + ("protected" if args.access.protect_metrics else "open"))
-        await serve(dep, args.host, args.port, log=log, access=args.access, max_body_bytes=args.max_body_bytes)
+        await serve(dep, args.host, args.port, log=log, access=args.access, max_body_bytes=args.max_body_bytes,
+                    drain_timeout_s=args.drain_timeout)
 
     from router.plan_replicas import PlanCapacityError
     from router.protocol import EngineError

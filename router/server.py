@@ -49,6 +49,7 @@ _METRICS = web.AppKey("metrics", RouterMetrics)
 _CREATED = web.AppKey("created", int)
 _NOTE = web.AppKey("threshold_note", str)
 _ACCESS = web.AppKey("access", AccessPolicy)
+_STATE = web.AppKey("state", dict)  # draining: set once shutdown begins; cut: requests cancelled while draining
 # typed request storage (aiohttp >= 3.12); plain string keys before that
 _RID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
 _REQ_MODEL = web.RequestKey("model", str) if hasattr(web, "RequestKey") else "model"
@@ -76,6 +77,7 @@ def make_app(cascade: Cascade, *, model_name: str, member_engines: Mapping[str, 
     app[_CREATED] = int(time.time())
     app[_NOTE] = threshold_note
     app[_ACCESS] = access
+    app[_STATE] = {"draining": False, "cut": 0, "active": 0}
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_get("/v1/models", _models)
@@ -99,6 +101,9 @@ async def _request_id_and_errors(request: web.Request, handler):
         log.info("request %s: 401 missing or invalid API key for %s", request_id, request.path)
         return _json_error(401, error_body("missing or invalid API key: send 'Authorization: Bearer <key>'",
                                            type="invalid_request_error", code="invalid_api_key"), request_id)
+    if request.app[_STATE]["draining"] and request.path.startswith("/v1/"):
+        return _json_error(503, error_body("the server is shutting down; retry on another replica",
+                                           type="server_error", code="shutting_down"), request_id)
     try:
         response = await handler(request)
     except RequestError as e:
@@ -124,11 +129,21 @@ async def _request_id_and_errors(request: web.Request, handler):
 
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _serve(request, chat=True)
+    return await _counted(request, chat=True)
 
 
 async def _completions(request: web.Request) -> web.StreamResponse:
-    return await _serve(request, chat=False)
+    return await _counted(request, chat=False)
+
+
+async def _counted(request: web.Request, *, chat: bool) -> web.StreamResponse:
+    """_serve, counted in the state's ``active`` (what a drain waits for)."""
+    state = request.app[_STATE]
+    state["active"] += 1
+    try:
+        return await _serve(request, chat=chat)
+    finally:
+        state["active"] -= 1
 
 
 def _target(app: web.Application, model: str) -> Cascade:
@@ -222,10 +237,14 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
                 headers={"x-cascadia-stage": result.stage_name, "x-cascadia-stage-index": str(result.stage_index)})
     except (ClientGone, ConnectionResetError):
         metrics.record_failure(params.model, "aborted")
+        if request.app[_STATE]["draining"]:  # shutdown closed the connection at the deadline
+            request.app[_STATE]["cut"] += 1
         log.info("request %s: client disconnected; engine work aborted", creq.request_id)
         raise web.HTTPBadRequest(reason="client disconnected") from None  # nobody reads it
     except asyncio.CancelledError:  # aiohttp cancelled the handler (the client left, or shutdown)
         metrics.record_failure(params.model, "aborted")
+        if request.app[_STATE]["draining"]:
+            request.app[_STATE]["cut"] += 1
         log.info("request %s: cancelled; engine work aborted", creq.request_id)
         raise
     except EngineError as e:
@@ -318,7 +337,21 @@ async def _stage_health(app: web.Application) -> list[bool]:
     return list(healthy)
 
 
+def requests_cut(app: web.Application) -> int:
+    """Requests cancelled because the drain deadline passed."""
+    return app[_STATE]["cut"]
+
+
+def begin_drain(app: web.Application) -> int:
+    """Shutdown has begun: readiness turns 503 and new API requests get 503 while the
+    requests in flight finish. Returns how many API requests are being handled."""
+    app[_STATE]["draining"] = True
+    return app[_STATE]["active"]
+
+
 async def _ready(request: web.Request) -> web.Response:
+    if request.app[_STATE]["draining"]:
+        return web.json_response({"status": "draining"}, status=503)
     healthy = await _stage_health(request.app)
     stages = {s.name: ok for s, ok in zip(request.app[_CASCADE].stages, healthy)}
     ready = all(healthy)
