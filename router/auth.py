@@ -8,7 +8,8 @@ A request carries its key as ``Authorization: Bearer KEY`` (the header OpenAI cl
 send). The check compares the presented key with *every* configured key with
 ``hmac.compare_digest`` and only then looks at the result, so neither the position of a
 matching key nor the length of a common prefix shows in the response time. ``/health``,
-``/health/live`` and ``/health/ready`` stay open for load balancers and orchestrators;
+``/health/live``, ``/health/ready`` and ``/openapi.json`` stay open (load balancers,
+orchestrators, client generators);
 ``/metrics`` is open unless the server is started with ``--protect-metrics``.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 KEYS_ENV = "CASCADIA_API_KEYS"
-OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready"})
+OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/openapi.json"})
 
 
 class KeyConfigError(ValueError):

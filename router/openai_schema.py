@@ -60,6 +60,8 @@ def parse_json(raw: bytes) -> dict:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise RequestError("request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise RequestError(f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     return body
@@ -188,10 +190,18 @@ def parse_request(body: dict, *, chat: bool) -> CompletionParams:
     judge_answer = _boolean(cascade or {}, "judge_answer", False, "cascade.judge_answer")
     return CompletionParams(
         model=model, messages=messages, prompt=prompt, max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0), top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0), top_p=_top_p(body),
         stop=_stop(body), seed=seed, stream=stream, include_usage=include_usage, escalate=escalate,
         ignore_eos=_boolean(body, "ignore_eos", False), logprobs=_logprobs_flag(body, chat),
         judge_answer=judge_answer)
+
+
+def _top_p(body: dict) -> float:
+    """In (0, 1]: nucleus sampling over no probability mass is undefined (vLLM refuses 0)."""
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p == 0.0:
+        raise RequestError("'top_p' must be in (0, 1], got 0", param="top_p", code="invalid_value")
+    return top_p
 
 
 def _logprobs_flag(body: dict, chat: bool) -> bool:

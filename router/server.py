@@ -85,6 +85,7 @@ def make_app(cascade: Cascade, *, model_name: str, member_engines: Mapping[str, 
     app.router.add_get("/health/ready", _ready)
     app.router.add_get("/health/live", _live)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/openapi.json", _openapi)
     return app
 
 
@@ -357,6 +358,17 @@ async def _ready(request: web.Request) -> web.Response:
     ready = all(healthy)
     return web.json_response({"status": "ready" if ready else "not ready", "stages": stages},
                              status=200 if ready else 503)
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    from router.openapi import openapi_document
+
+    app = request.app
+    context = min([app[_CASCADE].max_model_len] + [m.max_model_len for m in app[_MEMBERS].values()])
+    limit = app[_ACCESS].max_tokens_limit
+    max_tokens = max(1, min(context - 1, limit) if limit is not None else context - 1)
+    return web.json_response(openapi_document([app[_MODEL], *app[_MEMBERS]], max_tokens,
+                                              api_keys=bool(app[_ACCESS].api_keys)))
 
 
 async def _live(request: web.Request) -> web.Response:
