@@ -151,6 +151,9 @@ def _simulate_plan(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     except FileNotFoundError:
         raise UsageError(f"--plan: no such file: {args.plan}") from None
+    remote = [st.model for st in plan.stages if st.endpoint is not None and not st.replicas]
+    if remote:
+        raise UsageError(f"--plan: {remote} served by external endpoints only: the simulator cannot time them")
     trace = _load_trace(args)
     result = simulate_plan(plan, trace, seed=args.seed)
     stages = ", ".join(f"{st.model} {sum(r.n_gpus for r in st.replicas)}x{st.gpu}" for st in plan.stages)

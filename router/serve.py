@@ -242,7 +242,8 @@ def _sim_replicas(plan, endpoints: Mapping[str, StageEndpoint], time_dilation: f
             continue
         pool_spec = pools_by_gpu.get(st.gpu) or plan.cluster.pools[0]
         dep = StageDeployment(model, pool_spec.gpu, st.replicas, plan.engine, None, pool_spec.gpus_per_node)
-        out.append([SimulatedEngine.from_stage(f"{model.name}/r{r}", dep, r, time_dilation=time_dilation)
+        # every replica carries the served model name (a pool serves one model)
+        out.append([SimulatedEngine.from_stage(model.name, dep, r, time_dilation=time_dilation)
                     for r in range(len(st.replicas))])
     return out
 

@@ -12,7 +12,7 @@ import pytest
 
 from cascadia import cli
 from cascadia.perf.layout import Layout
-from cascadia.plan import Plan
+from cascadia.plan import Plan, PlanStage
 from cascadia.sim.config import EngineConfig
 from cascadia.vllm_adapter import GIB
 from router.plan_replicas import (capacity_problem, plan_launches, replica_launch, replica_placement_for,
@@ -113,6 +113,10 @@ def smol_plan(tmp_path):
                               {n: n for n in names}, kind=SYNTHETIC)
     p = plan(models, parse_cluster("1x2xcpu"), trace, prof, 70.0, quality_source=src,
              options=PlannerOptions(cache_dir=str(tmp_path / "tables"), processes=1, seed=0))
+    # one replica per stage whatever the planner chose (the tests below are about serving)
+    one = (Layout(1, 1, (0,)),)
+    p = dataclasses.replace(p, models=tuple(models), stages=(
+        PlanStage("smol-a", "cpu", one, 64.0, 1.0, 1.0, 0.9), PlanStage("smol-b", "cpu", one, None, 0.5, 0.6, 1.0)))
     path = tmp_path / "smol.json"
     p.save(path)
     return path

@@ -16,7 +16,8 @@ from test_openai_engine import MODEL, TOKENS, FakeOpenAI
 
 from cascadia import cli
 from cascadia.catalog import get_model
-from cascadia.plan import Plan, PlanError, StageEndpoint
+from cascadia.perf.layout import Layout
+from cascadia.plan import Plan, PlanError, PlanStage, StageEndpoint
 from cascadia.quality import builtin_profile_path, load_quality
 from cascadia.specs.cluster import parse_cluster
 from cascadia.traces import builtin_trace_path, load_trace, window
@@ -30,15 +31,18 @@ CASCADE = ["llama-3-8b", "llama-3-70b"]
 
 @pytest.fixture(scope="module")
 def escalating_plan(tmp_path_factory):
-    """A planned 2-stage plan, changed so that every request escalates: the logprob judge
-    (no re-calibration) and threshold 100 (a mean logprob below 0 scores under 100)."""
+    """A 2-stage plan (the planner's, with its stages fixed here so the test does not hang on
+    what the planner decides) where every request escalates: the logprob judge (no
+    re-calibration) and threshold 100 (a mean logprob below 0 scores under 100)."""
     tmp = tmp_path_factory.mktemp("plan")
     prof, src = stage_profile(load_quality(builtin_profile_path("mtbench")), CASCADE)
     p = plan([get_model(m) for m in CASCADE], parse_cluster("1x8xH100"),
              window(load_trace(builtin_trace_path("azure-conv")), 0, 120), prof, 88.0, quality_source=src,
              options=PlannerOptions(cache_dir=str(tmp / "tables"), processes=1, seed=2))
-    stages = (dataclasses.replace(p.stages[0], threshold=100.0), *p.stages[1:])
-    p = dataclasses.replace(p, stages=stages, judge=dataclasses.replace(p.judge, name="logprob"))
+    stages = (PlanStage(CASCADE[0], "H100", (Layout(1, 1, (0,)), Layout(1, 1, (0,))), 100.0, 1.0, 1.0, 0.5),
+              PlanStage(CASCADE[1], "H100", (Layout(4, 1, (0,)),), None, 0.5, 0.5, 1.5))
+    p = dataclasses.replace(p, models=tuple(get_model(m) for m in CASCADE), stages=stages,
+                            judge=dataclasses.replace(p.judge, name="logprob", served_by=None))
     path = tmp / "plan.json"
     p.save(path)
     return path, p
@@ -189,3 +193,14 @@ def test_plan_endpoint_round_trips_and_old_plans_still_load(escalating_plan, tmp
     del doc["stages"][1]["endpoint"]
     with pytest.raises(PlanError, match="has no replicas"):  # neither replicas nor an endpoint
         Plan.from_dict(doc)
+
+
+def test_simulate_refuses_a_plan_whose_stage_only_has_an_endpoint(escalating_plan, tmp_path, capsys):
+    path, _ = escalating_plan
+    doc = json.loads(path.read_text())
+    doc["stages"][1].update(endpoint={"url": "http://127.0.0.1:9/v1"}, replicas=[], n_gpus=0)
+    remote = tmp_path / "remote.json"
+    remote.write_text(json.dumps(doc))
+    assert cli.main(["simulate", "--plan", str(remote), "--trace", "azure-conv", "--limit", "20"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "['llama-3-70b'] served by external endpoints" in err
