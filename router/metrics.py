@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               generate_latest)
 
 from router.cascade import CascadeResult
 
@@ -19,8 +20,10 @@ class RouterMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        if registry is None:  # the router process's RSS, CPU and open files (process_*), e.g. under overload
+            ProcessCollector(registry=r)
         self.requests = Counter("cascadia_requests", "Finished requests by served model, answering stage and "
-                                "status (ok, client_error, engine_error, aborted)", ["model", "stage", "status"],
+                                "status (ok, client_error, unauthorized, overloaded, engine_error, aborted)", ["model", "stage", "status"],
                                 registry=r)
         self.escalations = Counter("cascadia_escalations", "Answers rejected by the judge and passed on, by the "
                                    "stage that was rejected", ["stage"], registry=r)

@@ -13,6 +13,8 @@ The pool holds at most `max_queue` requests at once; beyond that `generate` rais
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import zlib
 from collections import OrderedDict
@@ -110,15 +112,23 @@ class ReplicaPool:
         entry = _InFlight(i, work)
         self._in_flight[req.request_id] = entry
         self._outstanding[i] += work
+        finished = False
         try:
             async with aclosing(self.engines[i].generate(req)) as stream:
                 async for chunk in stream:
+                    finished = finished or chunk.finished
                     done = work if chunk.finished else min(entry.outstanding_tokens, len(chunk.token_ids))
                     self._settle(entry, done)
                     yield chunk
         finally:
             self._settle(entry, entry.outstanding_tokens)
             self._in_flight.pop(req.request_id, None)
+            if not finished:
+                # the consumer left (closed or cancelled) before the end: abort on the replica
+                # that has the request, which only the pool knows -- once the entry is gone a
+                # later pool.abort(request_id) could not find it
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.engines[i].abort(req.request_id))
 
     def _settle(self, entry: _InFlight, tokens: int) -> None:
         tokens = min(tokens, entry.outstanding_tokens)

@@ -34,6 +34,7 @@ from router.cascade import Cascade, CascadeRequest, CascadeResult, Stage
 from router.metrics import RouterMetrics
 from router.openai_schema import (CompletionParams, RequestError, chunk_body, error_body, logprobs_body, parse_json,
                                   parse_request, response_body, usage_body)
+from router.pool import PoolFull
 from router.protocol import EngineError
 
 log = logging.getLogger("cascadia.router")
@@ -41,6 +42,7 @@ log = logging.getLogger("cascadia.router")
 DISCONNECT_POLL_S = 0.05
 HEALTH_TIMEOUT_S = 2.0
 ESCALATE_HEADER = "x-cascadia-escalate"
+RETRY_AFTER_S = 1  # what a shed request is told (Retry-After); queues turn over in about that here
 
 _CASCADE = web.AppKey("cascade", Cascade)
 _MEMBERS = web.AppKey("members", dict)
@@ -108,9 +110,13 @@ async def _request_id_and_errors(request: web.Request, handler):
     try:
         response = await handler(request)
     except RequestError as e:
-        request.app[_METRICS].record_failure(request.get(_REQ_MODEL, "unknown"), "client_error")
+        if not getattr(e, "recorded", False):  # handlers record engine errors and sheds themselves
+            request.app[_METRICS].record_failure(request.get(_REQ_MODEL, "unknown"), "client_error")
         log.info("request %s: %d %s", request_id, e.status, e.message)
-        return _json_error(e.status, e.body(), request_id)
+        response = _json_error(e.status, e.body(), request_id)
+        if e.status == 429:
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
     except web.HTTPRequestEntityTooLarge as e:
         message = f"request body exceeds the limit of {request.app._client_max_size} bytes"
         log.info("request %s: 413 %s", request_id, message)
@@ -248,6 +254,14 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
             request.app[_STATE]["cut"] += 1
         log.info("request %s: cancelled; engine work aborted", creq.request_id)
         raise
+    except PoolFull as e:
+        metrics.record_failure(params.model, "overloaded")
+        log.info("request %s: shed: %s", creq.request_id, e)
+        if params.stream and response.prepared:
+            await response.write_eof()
+            return response
+        raise _recorded(RequestError(f"overloaded: {e}; retry after {RETRY_AFTER_S} s", type="server_error",
+                                     code="overloaded", status=429)) from None
     except EngineError as e:
         metrics.record_failure(params.model, "engine_error")
         log.warning("request %s: engine error: %s", creq.request_id, e)
@@ -256,11 +270,18 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
             # be written into the keep-alive connection and garble the client's next request
             await response.write_eof()
             return response
-        raise RequestError(f"engine failed: {e}", type="server_error", code="engine_error", status=503) from None
+        raise _recorded(RequestError(f"engine failed: {e}", type="server_error", code="engine_error",
+                                     status=503)) from None
     metrics.record_result(params.model, result)
     log.info("request %s: model=%s stage=%s scores=%s e2e=%.3fs", creq.request_id, params.model, result.stage_name,
              list(result.scores), result.timings.e2e_s)
     return response
+
+
+def _recorded(e: RequestError) -> RequestError:
+    """Mark an error whose failure the handler has already counted in the metrics."""
+    e.recorded = True
+    return e
 
 
 def _sse(payload: dict | str) -> bytes:

@@ -7,15 +7,12 @@ every request has a timeout, so a hang fails the test. Afterwards it is still he
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import socket
-import threading
 import time
 
 import pytest
-from aiohttp import web
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -24,6 +21,7 @@ from router.cascade import Cascade, Stage  # noqa: E402
 from router.judges import LogprobJudge  # noqa: E402
 from router.metrics import RouterMetrics  # noqa: E402
 from router.server import make_app  # noqa: E402
+from server_thread import ServerThread  # noqa: E402
 from test_router_front import THRESHOLD, FakeEngine  # noqa: E402
 
 TIMEOUT_S = 10.0
@@ -31,43 +29,14 @@ MAX_BODY = 1 << 20
 COUNTS = {"valid": 0, "arbitrary": 0, "mutated": 0, "nasty": 0}
 
 
-class ServerThread:
-    """The app on 127.0.0.1:<free port>, served by an event loop in a daemon thread."""
-
-    def __init__(self):
-        small = FakeEngine("small", max_model_len=1 << 20)
-        large = FakeEngine("large", max_model_len=1 << 20)
-        cascade = Cascade([Stage("small", small, THRESHOLD), Stage("large", large, None)], LogprobJudge())
-        self.app = make_app(cascade, model_name="cascade", member_engines={"small": small, "large": large},
-                            metrics=RouterMetrics(), max_body_bytes=MAX_BODY)
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        asyncio.set_event_loop(self.loop)
-        self.runner = web.AppRunner(self.app, access_log=None)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.port = self.runner.addresses[0][1]
-        self.ready.set()
-        self.loop.run_forever()
-
-    def start(self):
-        self.thread.start()
-        assert self.ready.wait(10)
-        return self
-
-    def stop(self):
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def server():
-    s = ServerThread().start()
+    small = FakeEngine("small", max_model_len=1 << 20)
+    large = FakeEngine("large", max_model_len=1 << 20)
+    cascade = Cascade([Stage("small", small, THRESHOLD), Stage("large", large, None)], LogprobJudge())
+    app = make_app(cascade, model_name="cascade", member_engines={"small": small, "large": large},
+                   metrics=RouterMetrics(), max_body_bytes=MAX_BODY)
+    s = ServerThread(app).start()
     yield s
     s.stop()
 

@@ -113,7 +113,8 @@ def test_pool_sends_to_least_outstanding_tokens_and_releases_work():
         rest = [c async for c in g2]
         assert rest[-1].finished and pool.outstanding_tokens[1] == 19
         await g1.aclose()
-        assert a.aborted == ["big"] and pool.outstanding_tokens[0] == 0
+        # the engine's own close and the pool both abort (engines treat a repeated abort as a no-op)
+        assert set(a.aborted) == {"big"} and pool.outstanding_tokens[0] == 0
         assert pool.in_flight == 1
         await g3.aclose()
         assert pool.in_flight == 0 and pool.outstanding_tokens == (0, 0)
