@@ -27,6 +27,7 @@ in flight, including one whose output is being held.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -34,7 +35,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Sequence
 
 from router.judges import Answer, Judge
-from router.protocol import GenerateRequest
+from router.pool import PoolFull
+from router.protocol import EngineError, GenerateRequest
 
 log = logging.getLogger("cascadia.router")
 
@@ -164,14 +166,17 @@ class _StageOutput:
 
 
 class Cascade:
-    """``on_judge_failure`` ("escalate" or "accept") applies when the judge raises or takes
+    """A stage whose engine fails (replica died) before any of its tokens reached the client
+    is run again, up to ``max_retries`` times (see ``stream``).
+
+    ``on_judge_failure`` ("escalate" or "accept") applies when the judge raises or takes
     longer than ``judge_timeout_s`` (None: no limit beyond the judge's own): the stage's
     score becomes -inf (escalate) or +inf (accept), so the request completes, and the
     non-finite score is what the metrics count as a judge failure. Judges with their own
     policy (LLMJudge's ``on_failure``) apply it before raising would happen."""
 
     def __init__(self, stages: Sequence[Stage], judge: Judge | None, *, clock=time.perf_counter,
-                 on_judge_failure: str = "escalate", judge_timeout_s: float | None = None):
+                 on_judge_failure: str = "escalate", judge_timeout_s: float | None = None, max_retries: int = 2):
         from router.judges import FAILURE_POLICIES
 
         if on_judge_failure not in FAILURE_POLICIES:
@@ -179,6 +184,8 @@ class Cascade:
         if judge_timeout_s is not None and not judge_timeout_s > 0:
             raise ValueError(f"judge_timeout_s must be > 0, got {judge_timeout_s}")
         self.on_judge_failure, self.judge_timeout_s = on_judge_failure, judge_timeout_s
+        self.max_retries = max_retries  # re-runs of a stage whose replica failed before the client saw a token
+        self.retries = 0
         if not stages:
             raise ValueError("a cascade needs at least one stage")
         for i, s in enumerate(stages[:-1]):
@@ -242,13 +249,15 @@ class Cascade:
 
     async def run(self, req: CascadeRequest) -> CascadeResult:
         final = None
-        async for delta in self.stream(req):
+        async for delta in self.stream(req, client_streams=False):
             final = delta.result if delta.finished else final
         assert final is not None
         return final
 
-    async def stream(self, req: CascadeRequest) -> AsyncIterator[StreamDelta]:
-        """Deltas of the accepted stage's answer (see the module docstring for holding)."""
+    async def stream(self, req: CascadeRequest, *, client_streams: bool = True) -> AsyncIterator[StreamDelta]:
+        """Deltas of the accepted stage's answer (see the module docstring for holding).
+        ``client_streams=False``: the caller keeps the deltas to itself until the end (a
+        non-streaming response), so a stage that fails midway can always be run again."""
         start = self.clock()
         scores: list[float] = []
         visits: list[StageVisit] = []
@@ -259,19 +268,34 @@ class Cascade:
             out = _StageOutput()
             held = self._judged(i, req)
             stage_start = self.clock()
-            chunks = self._generate(i, gen_req)
-            try:
-                async for chunk in chunks:
-                    if chunk.prompt_tokens is not None:
-                        out.prompt_tokens = chunk.prompt_tokens
-                    if chunk.finished:
-                        out.finish_reason = chunk.finish_reason or "stop"
-                    out.chunks.append(chunk)
-                    if not held and chunk.text:
-                        ttft_s = self.clock() - start if ttft_s is None else ttft_s
-                        yield StreamDelta(chunk.text, i, stage.name, tuple(scores))
-            finally:
-                await chunks.aclose()
+            for attempt in range(self.max_retries + 1):
+                out, sent = _StageOutput(), False
+                chunks = self._generate(i, gen_req)
+                try:
+                    async for chunk in chunks:
+                        if chunk.prompt_tokens is not None:
+                            out.prompt_tokens = chunk.prompt_tokens
+                        if chunk.finished:
+                            out.finish_reason = chunk.finish_reason or "stop"
+                        out.chunks.append(chunk)
+                        if not held and chunk.text:
+                            ttft_s = self.clock() - start if ttft_s is None else ttft_s
+                            sent = client_streams
+                            yield StreamDelta(chunk.text, i, stage.name, tuple(scores))
+                    break
+                except EngineError as e:
+                    # Nothing of this stage reached the client (held, or failed before its
+                    # first token): run it again -- the pool sends it to a replica that is
+                    # up, or holds it until one restarts. Once tokens were sent, the client
+                    # gets an error instead of a second, different answer.
+                    if sent or isinstance(e, PoolFull) or attempt == self.max_retries:
+                        raise
+                    self.retries += 1
+                    log.warning("request %s: stage %s failed (%s); retrying (%d of %d)", req.request_id,
+                                stage.name, str(e)[:200], attempt + 1, self.max_retries)
+                    gen_req = dataclasses.replace(gen_req, request_id=f"{req.request_id}-s{i}-r{attempt + 1}")
+                finally:
+                    await chunks.aclose()
             generate_s = self.clock() - stage_start
             if not held:
                 score, judge_s = None, 0.0

@@ -9,13 +9,23 @@ wins, so vLLM's prefix cache on that replica is reused.
 
 The pool holds at most `max_queue` requests at once; beyond that `generate` raises
 `PoolFull` before any work starts (the server answers 429).
+
+Replica failure: a replica whose `generate` raises `EngineError` is marked down and gets no
+new requests; a background healer probes it (`recover()` when the engine has one -- a Ray
+replica restarts its engine in the restarted actor -- else `health()`) every
+`HEAL_POLL_S` until it answers, and records the time it took (`heal_times_s`). While every
+replica of the pool is down, a new request is held up to `hold_s` for one to come back
+before it fails. The error itself propagates: the cascade decides whether the request can be
+retried (nothing of it reached the client yet) -- router/cascade.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
+import time
 import zlib
 from collections import OrderedDict
 from contextlib import aclosing
@@ -25,7 +35,11 @@ from typing import AsyncIterator, Sequence
 from router.engines.sim import approx_tokens
 from router.protocol import Engine, EngineError, GenerateRequest, TokenChunk
 
+log = logging.getLogger("cascadia.router")
+
 POWER_OF_TWO_ABOVE = 8
+HEAL_POLL_S = 0.5  # between probes of a replica that is down
+HEAL_GIVE_UP_S = 900.0  # a replica down this long is left down (the healer stops probing)
 PREFIX_CHARS = 256  # the prompt prefix that identifies "the same prompt" for affinity
 PREFIX_MEMORY = 4096  # prefixes remembered (least recently used forgotten)
 
@@ -45,7 +59,7 @@ class ReplicaPool:
     a stage can treat one replica or many alike."""
 
     def __init__(self, engines: Sequence[Engine], max_queue: int, *, affinity_slack: float = 0.1,
-                 affinity_slack_tokens: int = 64, seed: int = 0):
+                 affinity_slack_tokens: int = 64, seed: int = 0, hold_s: float = 120.0):
         if not engines:
             raise ValueError("a pool needs at least one engine")
         if max_queue < 1:
@@ -64,6 +78,13 @@ class ReplicaPool:
         self._prefix_owner: OrderedDict[int, int] = OrderedDict()
         self._rng = random.Random(seed)
         self.rejected = 0
+        self.hold_s = hold_s
+        self._down: dict[int, float] = {}  # replica index -> monotonic time it went down
+        self._healers: dict[int, asyncio.Task] = {}
+        self._any_up = asyncio.Event()
+        self._any_up.set()
+        self.heal_times_s: list[float] = []  # down -> serving again, per recovery
+        self.failures = 0
 
     # ---------------- dispatch ----------------
     @property
@@ -77,13 +98,18 @@ class ReplicaPool:
     def _prefix_key(self, prompt: str) -> int:
         return zlib.crc32(prompt[:PREFIX_CHARS].encode())
 
+    @property
+    def down(self) -> tuple[int, ...]:
+        """Indices of the replicas that are down (not given new requests)."""
+        return tuple(sorted(self._down))
+
     def _pick_index(self, prompt: str | None = None) -> int:
-        n = len(self.engines)
-        candidates = range(n) if n <= POWER_OF_TWO_ABOVE else self._rng.sample(range(n), 2)
+        up = [i for i in range(len(self.engines)) if i not in self._down]
+        candidates = up if len(up) <= POWER_OF_TWO_ABOVE else self._rng.sample(up, 2)
         best = min(candidates, key=lambda i: (self._outstanding[i], i))
         if prompt is not None:
             owner = self._prefix_owner.get(self._prefix_key(prompt))
-            if owner is not None and owner != best:
+            if owner is not None and owner != best and owner not in self._down:
                 load, least = self._outstanding[owner], self._outstanding[best]
                 if load <= least + max(self.affinity_slack * least, self.affinity_slack_tokens):
                     return owner
@@ -101,6 +127,12 @@ class ReplicaPool:
                            f"{self.max_queue})")
         if req.request_id in self._in_flight:
             raise EngineError(f"stage {self.name}: request id {req.request_id} is already in flight")
+        if len(self._down) == len(self.engines):
+            # every replica is down: hold the request while one restarts
+            try:
+                await asyncio.wait_for(self._any_up.wait(), self.hold_s)
+            except asyncio.TimeoutError:
+                raise EngineError(f"stage {self.name}: no replica came back within {self.hold_s:g} s") from None
         i = self._pick_index(req.prompt)
         key = self._prefix_key(req.prompt)
         self._prefix_owner[key] = i
@@ -120,6 +152,11 @@ class ReplicaPool:
                     done = work if chunk.finished else min(entry.outstanding_tokens, len(chunk.token_ids))
                     self._settle(entry, done)
                     yield chunk
+        except EngineError as e:
+            # a request-level failure leaves a healthy replica up; a dead one is marked down
+            if not await self._answers(i):
+                self.mark_down(i, str(e))
+            raise
         finally:
             self._settle(entry, entry.outstanding_tokens)
             self._in_flight.pop(req.request_id, None)
@@ -129,6 +166,44 @@ class ReplicaPool:
                 # later pool.abort(request_id) could not find it
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.engines[i].abort(req.request_id))
+
+    # ---------------- failure and healing ----------------
+    async def _answers(self, i: int, timeout_s: float = 2.0) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self.engines[i].health(), timeout_s))
+        except Exception:
+            return False
+
+    def mark_down(self, i: int, why: str = "") -> None:
+        """Replica i failed: no new requests until the healer sees it answer again."""
+        self.failures += 1
+        if i in self._down:
+            return
+        log.warning("stage %s: replica %d down (%s); healing", self.name, i, why[:200])
+        self._down[i] = time.monotonic()
+        if len(self._down) == len(self.engines):
+            self._any_up.clear()
+        if i not in self._healers or self._healers[i].done():
+            self._healers[i] = asyncio.get_running_loop().create_task(self._heal(i))
+
+    async def _heal(self, i: int) -> None:
+        engine = self.engines[i]
+        probe = getattr(engine, "recover", None) or engine.health
+        since = self._down[i]
+        while time.monotonic() - since < HEAL_GIVE_UP_S:
+            try:
+                ok = bool(await probe())
+            except Exception:  # still dead
+                ok = False
+            if ok:
+                healed = time.monotonic() - since
+                self.heal_times_s.append(healed)
+                self._down.pop(i, None)
+                self._any_up.set()
+                log.warning("stage %s: replica %d serving again after %.1f s", self.name, i, healed)
+                return
+            await asyncio.sleep(HEAL_POLL_S)
+        log.error("stage %s: replica %d still down after %.0f s; no longer probed", self.name, i, HEAL_GIVE_UP_S)
 
     def _settle(self, entry: _InFlight, tokens: int) -> None:
         tokens = min(tokens, entry.outstanding_tokens)
@@ -147,14 +222,15 @@ class ReplicaPool:
         return await self.engines[0].count_tokens(text)
 
     async def health(self) -> bool:
-        """Healthy while any replica is."""
-        return any([await e.health() for e in self.engines])
+        """Healthy while any replica that is not marked down is."""
+        return any([await e.health() for i, e in enumerate(self.engines) if i not in self._down])
 
     async def replica_health(self) -> list[bool]:
         return [await e.health() for e in self.engines]
 
     async def stats(self) -> dict:
         return {"name": self.name, "replicas": len(self.engines), "in_flight": len(self._in_flight),
-                "max_queue": self.max_queue, "rejected": self.rejected,
+                "max_queue": self.max_queue, "rejected": self.rejected, "down": list(self.down),
+                "failures": self.failures, "heal_times_s": list(self.heal_times_s),
                 "outstanding_tokens": list(self._outstanding),
                 "replica_stats": [await e.stats() for e in self.engines]}

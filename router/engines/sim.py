@@ -18,6 +18,9 @@ Nothing sleeps a fixed time per request.
   deterministic per request id and seed.
 - Prompt length: the text's length in characters / 4, rounded up (about 4 characters per
   token for English text under BPE tokenizers); `count_tokens` uses the same rule.
+- Fault injection: `crash(restart_s)` is the simulated counterpart of a killed replica:
+  every request in flight fails with `EngineError`, and the replica refuses work and
+  reports unhealthy for `restart_s` wall seconds, then comes back empty.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ _WORDS = ("the", "cascade", "model", "answer", "token", "router", "simulated", "
 def approx_tokens(text: str) -> int:
     """Tokens of `text` under the ~4 characters per token rule (at least 1)."""
     return max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
+
+
+_CRASHED = object()  # queued to a request's consumer when its replica crashes
 
 
 @dataclass
@@ -94,6 +100,8 @@ class SimulatedEngine:
         self._requests_done = 0
         self._requests_aborted = 0
         self._closed = False
+        self._down_until = 0.0  # monotonic; > now while a crashed replica "restarts"
+        self.crashes = 0
 
     @classmethod
     def from_stage(cls, name: str, stage, layout_index: int = 0, **kw) -> "SimulatedEngine":
@@ -128,6 +136,8 @@ class SimulatedEngine:
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]:
         if self._closed:
             raise EngineError(f"{self.name}: the engine is shut down")
+        if time.monotonic() < self._down_until:
+            raise EngineError(f"{self.name}: the replica is down (restarting)")
         if req.request_id in self._live:
             raise EngineError(f"{self.name}: request id {req.request_id} is already in flight")
         prompt = approx_tokens(req.prompt)
@@ -153,6 +163,9 @@ class SimulatedEngine:
         try:
             while True:
                 chunk = await live.queue.get()
+                if chunk is _CRASHED:
+                    finished = True  # nothing left to abort
+                    raise EngineError(f"{self.name}: the replica died with request {req.request_id} in flight")
                 finished = chunk.finished
                 yield chunk
                 if finished:
@@ -174,6 +187,21 @@ class SimulatedEngine:
         live.engine.wake.set()
         live.queue.put_nowait(TokenChunk((), "", (), finished=True, finish_reason="abort"))
 
+    def crash(self, restart_s: float) -> int:
+        """Kill the replica (see the module docstring); returns how many requests it had."""
+        self.crashes += 1
+        self._down_until = time.monotonic() + restart_s
+        now = self._sim_now()
+        lost = list(self._live.values())
+        self._live.clear()
+        self._by_seq.clear()
+        for live in lost:
+            live.engine.sim.end_run_early(now)
+            live.engine.to_drop.append(live.seq)
+            live.engine.wake.set()
+            live.queue.put_nowait(_CRASHED)
+        return len(lost)
+
     async def chat_prompt(self, messages: list[dict]) -> str:
         """A ChatML-style rendering (the simulated model has no template of its own)."""
         parts = [f"<|im_start|>{m.get('role', 'user')}\n{m.get('content', '')}<|im_end|>\n" for m in messages]
@@ -183,6 +211,8 @@ class SimulatedEngine:
         return approx_tokens(text)
 
     async def health(self) -> bool:
+        if time.monotonic() < self._down_until:
+            return False
         return not self._closed and all(ve.task is None or not ve.task.done() for ve in self._virtual)
 
     async def stats(self) -> dict:
