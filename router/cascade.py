@@ -198,6 +198,17 @@ class Cascade:
         self.clock = clock
         self.in_flight = [0] * len(stages)  # requests inside each stage (queue depth gauge)
 
+    def set_threshold(self, stage: int, threshold: float) -> None:
+        """A new threshold for a judged stage (rolling updates). Requests that start after
+        the change use it; requests in flight keep the stages they started with."""
+        if not 0 <= stage < len(self.stages) - 1:
+            raise ValueError(f"stage {stage} has no threshold (the last stage always answers)")
+        if threshold is None or math.isnan(threshold):
+            raise ValueError(f"a judged stage needs a threshold, got {threshold}")
+        stages = list(self.stages)
+        stages[stage] = dataclasses.replace(stages[stage], threshold=float(threshold))
+        self.stages = tuple(stages)
+
     @property
     def max_model_len(self) -> int:
         return min(s.pool.max_model_len for s in self.stages)

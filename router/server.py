@@ -355,7 +355,7 @@ async def _stage_health(app: web.Application) -> list[bool]:
     cascade = app[_CASCADE]
     healthy = await asyncio.gather(*(_healthy(s.pool) for s in cascade.stages))
     for stage, ok, in_flight in zip(cascade.stages, healthy, cascade.in_flight):
-        app[_METRICS].set_stage_state(stage.name, in_flight=in_flight, healthy=ok)
+        app[_METRICS].set_stage_state(stage.name, in_flight=in_flight, healthy=ok, pool=stage.pool)
     return list(healthy)
 
 

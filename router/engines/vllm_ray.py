@@ -27,6 +27,7 @@ from router.engines.local_tokenizer import LocalTokenizer
 from router.protocol import EngineError, GenerateRequest, TokenChunk
 
 WARMUP_PROMPT = "Hello"
+MAX_RESTARTS = 5  # per replica actor; a replica that keeps dying stays down after that
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ class RayEngine:
         self.max_model_len = int(info["max_model_len"])
         self.placement_group = placement_group
         self.local_tokenizer = LocalTokenizer(tokenizer_dir)
+        self.restarts = 0
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]:
         import ray
@@ -183,7 +185,10 @@ class RayEngine:
             if not finished:
                 # The consumer went away (closed or cancelled): stop the actor's task, which
                 # aborts the request in vLLM, and abort explicitly in case it had not started.
-                ray.cancel(stream)
+                try:
+                    ray.cancel(stream)
+                except Exception:  # the actor is dead: nothing left to cancel
+                    pass
                 await asyncio.shield(self._abort_quietly(req.request_id))
 
     async def _abort_quietly(self, request_id: str) -> None:
@@ -212,6 +217,39 @@ class RayEngine:
             return bool(await self.actor.health.remote())
         except Exception:  # a dead actor is unhealthy, not an error of the caller
             return False
+
+    async def recover(self) -> bool:
+        """The pool's healer calls this while the replica is down. Ray restarts a dead actor
+        (`max_restarts`), but the restarted actor has no engine: start it again (warm-up
+        included). The engine-core processes of the dead actor are killed if they
+        outlived it (vLLM's child would otherwise keep its memory). True once it serves."""
+        import ray
+
+        try:
+            if await self.actor.health.remote():
+                return True
+            self._kill_orphans()
+            info = await self.actor.start.remote(True)
+        except ray.exceptions.RayError:
+            return False  # still restarting, or gone for good
+        self.info = {**self.info, **info}
+        self.restarts += 1
+        return bool(await self.health())
+
+    def _kill_orphans(self) -> None:
+        """Kill the dead actor's vLLM child processes that are still running (same host only;
+        a pid is only touched if its actor is gone and it still looks like vLLM's)."""
+        import psutil
+
+        if psutil.pid_exists(int(self.info.get("pid", -1))):
+            return  # the actor process is alive: its children are its own business
+        for pid in self.info.get("child_pids", ()):
+            try:
+                child = psutil.Process(pid)
+                if any("VLLM" in part or "vllm" in part for part in [child.name(), *child.cmdline()]):
+                    child.kill()
+            except psutil.Error:  # gone already, or not ours to touch
+                pass
 
     async def stats(self) -> dict:
         return await self.actor.stats.remote()
@@ -245,9 +283,13 @@ async def start_vllm_engine(name: str, settings: EngineSettings, *, num_cpus: fl
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    # CASCADIA_ENGINE_NAME lets an operator (or a test) tell replica processes apart
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "CASCADIA_ENGINE_NAME": name}
+    # max_restarts: Ray brings a dead actor back (RayEngine.recover then restarts its engine);
+    # tasks in flight on it fail rather than re-run (max_task_retries 0): the router decides
     options: dict[str, Any] = {"runtime_env": {"env_vars": env}, "name": f"cascadia-engine-{name}-{os.getpid()}-"
-                               f"{time.monotonic_ns()}", "max_concurrency": 1000}
+                               f"{time.monotonic_ns()}", "max_concurrency": 1000, "max_restarts": MAX_RESTARTS,
+                               "max_task_retries": 0}
     pg = None
     tp, pp = settings.tensor_parallel_size, settings.pipeline_parallel_size
     if placement is None and tp * pp > 1:
