@@ -13,6 +13,7 @@ from router.cascade import Cascade, Stage
 from router.judges import LogprobJudge
 from router.metrics import RouterMetrics
 from router.server import make_app
+from server_thread import record_figure
 from test_router_front import THRESHOLD, FakeEngine
 
 KEY, OTHER = "sk-cascadia-test-1", "sk-cascadia-test-2"
@@ -92,6 +93,7 @@ def test_requests_without_a_valid_key_get_401_and_the_server_keeps_serving():
     assert got["ok1"][0] == 200 and got["ok1"][1]["choices"][0]["message"]["content"]
     assert got["ok2"][0] == 200 and got["health"][0] == 200 and got["metrics"][0] == 200
     assert 'status="unauthorized"' in got["metrics"][1]
+    record_figure("API keys", rejected_401=3, accepted=2, health_open=True, metrics_open=True)
 
 
 def test_protected_metrics_need_the_key():

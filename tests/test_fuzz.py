@@ -21,7 +21,7 @@ from router.cascade import Cascade, Stage  # noqa: E402
 from router.judges import LogprobJudge  # noqa: E402
 from router.metrics import RouterMetrics  # noqa: E402
 from router.server import make_app  # noqa: E402
-from server_thread import ServerThread  # noqa: E402
+from server_thread import ServerThread, record_figure  # noqa: E402
 from test_router_front import THRESHOLD, FakeEngine  # noqa: E402
 
 TIMEOUT_S = 10.0
@@ -282,3 +282,5 @@ def test_still_healthy_and_enough_requests_were_sent(server):
     assert status == 200
     generated = COUNTS["valid"] + COUNTS["arbitrary"] + COUNTS["mutated"]
     assert generated >= 2000, COUNTS
+    record_figure("bad input, fuzzed", generated=generated, **COUNTS, server_errors=0, hangs=0,
+                  healthy_after=True)

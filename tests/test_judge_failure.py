@@ -17,6 +17,7 @@ from router.judges import Judge, LLMJudge
 from router.metrics import RouterMetrics
 from router.server import make_app
 from test_router_front import THRESHOLD, FakeEngine
+from server_thread import record_figure
 from test_server import delta, metric_samples
 
 
@@ -75,6 +76,9 @@ def test_a_failing_plugin_judge_applies_the_policy_and_is_counted(mode, policy):
     assert judge.calls == 2
     assert delta(before, after, "cascadia_judge_failures_total", stage="small") == 2
     assert delta(before, after, "cascadia_escalations_total", stage="small") == (2 if policy == "escalate" else 0)
+    record_figure(f"judge failure (plug-in {mode}, policy {policy})", requests=2,
+                  completed=sum(st == 200 for st, _ in bodies), answered_by_stage=expected_stage,
+                  failures_counted=delta(before, after, "cascadia_judge_failures_total", stage="small"))
 
 
 async def _judge_endpoint(mode: str):
@@ -124,6 +128,8 @@ def test_llm_judge_endpoint_down_slow_or_garbage_still_answers(mode):
         else:  # no score: escalated by the policy
             assert body["cascade"]["stage"] == 1
     assert failures == (0 if mode == "working" else 2)
+    record_figure(f"judge failure (LLM judge endpoint {mode})", requests=2,
+                  completed=sum(st == 200 for st, _ in bodies), failures_counted=failures)
 
 
 def test_cascade_rejects_an_unknown_policy_or_a_bad_timeout():

@@ -18,6 +18,7 @@ import pytest
 from router.cascade import Cascade, Stage
 from router.judges import LogprobJudge
 from router.serve import Deployment, serve
+from server_thread import record_figure
 from test_router_front import THRESHOLD, FakeEngine
 from test_serve_plan import plan_file  # noqa: F401  (a planner-made plan for the subprocess test)
 
@@ -89,6 +90,7 @@ def test_in_flight_requests_finish_before_the_engines_stop():
     assert any("draining 3 in flight" in line for line in logs), logs
     assert not any("cut at the deadline" in line for line in logs)
     assert stop_s < 5.0
+    record_figure("graceful shutdown (drain)", in_flight=3, completed=3, cut=0, stop_to_exit_s=round(stop_s, 2))
 
 
 def test_the_deadline_cuts_what_is_still_running_and_aborts_it_in_the_engine():
@@ -99,6 +101,8 @@ def test_the_deadline_cuts_what_is_still_running_and_aborts_it_in_the_engine():
     assert any("3 request(s) cut at the deadline" in line for line in logs), logs
     assert stopped and after == "refused"
     assert stop_s < 5.0
+    record_figure("graceful shutdown (deadline 0.3 s)", in_flight=3, cut=3, aborted_in_engine=len(small.aborted),
+                  stop_to_exit_s=round(stop_s, 2))
 
 
 def _children(pid: int) -> list[int]:
@@ -150,6 +154,8 @@ def test_sigterm_drains_and_exits_cleanly(plan_file):  # noqa: F811
         rest = proc.stdout.read()
         assert "draining 1 in flight" in rest and "engines stopped" in rest, rest
         assert _children(proc.pid) == []
+        record_figure("graceful shutdown (SIGTERM to cascadia serve)", in_flight=1, completed=1, exit_code=0,
+                      child_processes_left=0)
     finally:
         if proc.poll() is None:
             proc.kill()
