@@ -146,7 +146,7 @@ def _requests(n, gap_s=0.0, max_tokens=4):
 @pytest.mark.parametrize("mid_stream", [False, True])
 def test_server_errors_are_recorded_not_dropped(mid_stream):
     small = FlakyEngine("small", every=3, mid_stream=mid_stream, n_tokens=4)
-    cascade = Cascade([Stage("small", small, None)], None)
+    cascade = Cascade([Stage("small", small, None)], None, max_retries=0)  # no retry: the errors reach the client
     with ServerThread(cascade, {"small-m": FakeEngine("small-m")}) as srv:
         recs = asyncio.run(replay(_requests(9), ClientConfig(url=srv.url, model="cascadia")))
     assert len(recs) == 9
