@@ -188,8 +188,10 @@ def plot_runs(runs: Sequence[Run], path: str | Path, slo: SLO | None,
                     label=run.label)
         ax.set_xlabel(f"SLO scale (x {slo.describe()})")
     else:
-        ax.text(0.5, 0.5, "pass --slo or --reference\nfor attainment vs scale", ha="center", va="center")
-    ax.set_xscale("log")
+        ax.text(0.5, 0.5, "pass --slo or --reference\nfor attainment vs scale", ha="center", va="center",
+                transform=ax.transAxes)
+    if unloaded is not None or slo is not None:
+        ax.set_xscale("log")
     ax.axhline(0.95, color="grey", ls="--", lw=0.8)
     ax.set_ylabel("SLO attainment")
     ax.set_ylim(0, 1.02)
