@@ -118,6 +118,8 @@ def _load_trace(args):
 def _prompt_source(args):
     from benchmarks.replay import prompts as pr
 
+    if args.prompts and args.prompts not in pr.BUILTIN_PROMPTS and not Path(args.prompts).is_file():
+        raise _usage(f"--prompts: no such file: {args.prompts}")
     counter = pr.WordPrompts(args.seed)
     tok_dir = None if args.tokenizer == "none" else (args.tokenizer or pr.default_tokenizer_dir())
     if tok_dir is not None:
@@ -129,8 +131,6 @@ def _prompt_source(args):
             raise _usage(f"--tokenizer {tok_dir}: cannot load a tokenizer: {e}".splitlines()[0]) from None
     if not args.prompts:
         return counter
-    if args.prompts not in pr.BUILTIN_PROMPTS and not Path(args.prompts).is_file():
-        raise _usage(f"--prompts: no such file: {args.prompts}")
     from cascadia.errors import FileFormatError
 
     try:
