@@ -254,22 +254,19 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
             request.app[_STATE]["cut"] += 1
         log.info("request %s: cancelled; engine work aborted", creq.request_id)
         raise
-    except PoolFull as e:
-        metrics.record_failure(params.model, "overloaded")
-        log.info("request %s: shed: %s", creq.request_id, e)
-        if params.stream and response.prepared:
-            await response.write_eof()
-            return response
-        raise _recorded(RequestError(f"overloaded: {e}; retry after {RETRY_AFTER_S} s", type="server_error",
-                                     code="overloaded", status=429)) from None
     except EngineError as e:
-        metrics.record_failure(params.model, "engine_error")
-        log.warning("request %s: engine error: %s", creq.request_id, e)
+        shed = isinstance(e, PoolFull)  # the stage's queue is full: 429, the client may retry
+        metrics.record_failure(params.model, "overloaded" if shed else "engine_error")
+        (log.info if shed else log.warning)("request %s: %s: %s", creq.request_id,
+                                             "shed" if shed else "engine error", e)
         if params.stream and response.prepared:
             # the error event is already in the stream: end it cleanly, or a second response would
             # be written into the keep-alive connection and garble the client's next request
             await response.write_eof()
             return response
+        if shed:
+            raise _recorded(RequestError(f"overloaded: {e}; retry after {RETRY_AFTER_S} s", type="server_error",
+                                         code="overloaded", status=429)) from None
         raise _recorded(RequestError(f"engine failed: {e}", type="server_error", code="engine_error",
                                      status=503)) from None
     metrics.record_result(params.model, result)
