@@ -123,6 +123,41 @@ def simulate_records(records, calibration: Path = CALIBRATION) -> dict:
     return row(summarize(res.timings()))
 
 
+def error_by_concurrency(out_dir: Path, label: str, runs: int,
+                         bins=((0, 0.01), (0.01, 1), (1, 2), (2, 4), (4, 99))) -> list[str]:
+    """live / simulated E2E per request, grouped by how many other requests were in flight
+    during it on average (time-weighted), over the saved runs of ``label``."""
+    from cascadia.catalog import get_model
+    from cascadia.perf.calibration import Calibration, spec_for_dtype
+    from cascadia.perf.layout import Layout
+    from cascadia.sim.cluster import StageDeployment, simulate
+    from cascadia.sim.config import EngineConfig
+
+    calib = Calibration.load(CALIBRATION)
+    model = spec_for_dtype(get_model(calib.model), calib.dtype)
+    stage = StageDeployment(model, calib.device, (Layout(1),),
+                            EngineConfig.from_engine_report(calib.engine_config, model.kv_bytes_per_token()),
+                            calib.efficiency)
+    others, ratio = [], []
+    for k in range(1, runs + 1):
+        recs = read_records(out_dir / f"{label}-run{k}.jsonl")
+        send, end = np.array([r.send_s for r in recs]), np.array([r.end_s for r in recs])
+        arrival = np.array([r.scheduled_s for r in recs])
+        trace = Trace("replayed", arrival - arrival[0], [r.input_tokens for r in recs], [r.max_tokens for r in recs])
+        sim = simulate(trace, [stage, stage], visits=np.array([r.stage + 1 for r in recs])).e2e_s
+        for i, r in enumerate(recs):
+            overlap = np.clip(np.minimum(end, end[i]) - np.maximum(send, send[i]), 0.0, None)
+            others.append((overlap.sum() - overlap[i]) / (end[i] - send[i]))
+            ratio.append(r.e2e_s / sim[i])
+    others, ratio = np.array(others), np.array(ratio)
+    lines = []
+    for lo, hi in bins:
+        m = (others >= lo) & (others < hi)
+        if m.any():
+            lines.append(f"| {label} | [{lo:g}, {hi:g}) | {m.sum()} | {np.median(ratio[m]):.3f} |")
+    return lines
+
+
 def table(out: dict) -> str:
     lines = ["| load | metric | measured (mean of runs) | run-to-run spread | predicted | error |",
              "|---|---|---|---|---|---|"]
@@ -152,8 +187,16 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--light-frac", type=float, default=0.3)
     ap.add_argument("--url", help="an already running default cascade (default: start `cascadia serve`)")
+    ap.add_argument("--analyse", action="store_true", help="no measuring: from the saved runs, live/simulated E2E "
+                                                           "by the number of other requests in flight")
     args = ap.parse_args()
     out_dir = Path(args.out_dir)
+    if args.analyse:
+        print("| load | other requests in flight (time-weighted mean) | requests | live / simulated E2E, median |")
+        print("|---|---|---|---|")
+        for label in ("light", "high"):
+            print("\n".join(error_by_concurrency(out_dir, label, args.runs)))
+        return 0
     out_dir.mkdir(parents=True, exist_ok=True)
     trace = select_requests(args.n, args.start, args.length_scale, args.max_input, args.max_output)
     trace_file = out_dir / "requests.csv"
