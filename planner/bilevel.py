@@ -62,6 +62,7 @@ class PlannerOptions:
     # when the escalated share is near 5% the p95 sits on a cliff of the latency
     # distribution, so one seed can land on either side (and re-scoring would pick the lucky one).
     prediction_seeds: int = 3
+    solver_threads: int = 2  # MILPs of one routing batch solved at once
     seed: int = 0
     # Also plan every sub-cascade (the cascade's models in order with some left out, down to
     # the last model alone) and keep the one predicted fastest: beyond the paper, whose
@@ -219,7 +220,9 @@ class _DeploymentLevel:
                 self.progress("table", 1)
         return self.tables[key]
 
-    def __call__(self, shares: tuple[float, ...]) -> tuple[float, Any]:
+    def _problem(self, shares: tuple[float, ...]) -> Any:
+        """The MILP for a share vector (its tables built here, in the calling thread), or
+        the final (inf, Infeasible) when a stage with traffic has no layout."""
         judged = tuple(shares[:-1])  # every stage but the last is judged
         busy = tuple(shares)
         if self.judge_load is not None and any(judged):
@@ -227,18 +230,42 @@ class _DeploymentLevel:
             h = self.judge_load.stage
             busy = busy[:h] + (max(busy[h], 1e-9),) + busy[h + 1:]
         per_stage = tuple(self.stage_options(i, s, judged, self.gpu_cap(i, busy)) for i, s in enumerate(shares))
-        shares = busy
-        if any(s > 0 and not o for s, o in zip(shares, per_stage)):
+        if any(s > 0 and not o for s, o in zip(busy, per_stage)):
             return math.inf, Infeasible("a stage with traffic has no layout that fits")
-        problem = self.backends.problem(options=per_stage, gpu_counts=self.cluster.gpu_counts(),
-                                        stage_shares=tuple(shares), objective=self.options.objective)
-        self.solves += 1
+        return self.backends.problem(options=per_stage, gpu_counts=self.cluster.gpu_counts(),
+                                     stage_shares=busy, objective=self.options.objective)
+
+    def _solve(self, problem: Any) -> tuple[float, Any]:
         solution = self.backends.solve(problem, solver=self.options.solver, time_limit_s=self.options.time_limit_s)
-        if self.progress:
-            self.progress("milp", 1)
         if not hasattr(solution, "choices"):
             return math.inf, solution
         return float(solution.objective_s), solution
+
+    def prefetch(self, batch: Sequence[tuple[float, ...]]) -> dict[tuple[float, ...], tuple[float, Any]]:
+        """(latency, solution) for each share vector of a batch: tables are built one
+        after another (each uses the worker processes itself), then the MILPs are solved
+        in `solver_threads` threads -- a CBC solve is a subprocess, so two run on two
+        cores at once; results do not depend on the order."""
+        staged = {shares: self._problem(shares) for shares in dict.fromkeys(batch)}
+        pending = [(k, p) for k, p in staged.items() if not isinstance(p, tuple)]
+        out = {k: p for k, p in staged.items() if isinstance(p, tuple)}
+        threads = max(1, min(self.options.solver_threads, len(pending)))
+        if threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads) as pool:
+                solved = list(pool.map(self._solve, [p for _, p in pending]))
+        else:
+            solved = [self._solve(p) for _, p in pending]
+        for (k, _), result in zip(pending, solved):
+            out[k] = result
+            self.solves += 1
+            if self.progress:
+                self.progress("milp", 1)
+        return out
+
+    def __call__(self, shares: tuple[float, ...]) -> tuple[float, Any]:
+        return self.prefetch([tuple(shares)])[tuple(shares)]
 
 
 def with_judge_requests(trace: Trace, share: float, judged_shares: Sequence[float], seed: int, judge) -> Trace:

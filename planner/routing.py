@@ -55,19 +55,33 @@ class SharesMemo:
     cache: dict[tuple[float, ...], tuple[float, Any]] = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
+    _fresh: set = field(default_factory=set)  # filled by a batch, not yet read
 
     def rounded(self, shares: Sequence[float]) -> tuple[float, ...]:
         # The small epsilon stops 0.30000000000000004 from rounding up to 0.35.
         steps = [math.ceil(float(s) / self.quantum - 1e-9) for s in shares]
         return tuple(min(1.0, round(k * self.quantum, 10)) for k in steps)
 
+    def fill(self, many: Sequence[Sequence[float]]) -> None:
+        """Compute the missing keys of a batch at once when the latency function can
+        (``latency_of_shares.prefetch``: the deployment level solves a batch's MILPs in
+        parallel); counted as misses when first read."""
+        prefetch = getattr(self.latency_of_shares, "prefetch", None)
+        keys = [k for k in dict.fromkeys(self.rounded(s) for s in many) if k not in self.cache]
+        if prefetch is None or len(keys) < 2:
+            return
+        self.cache.update(prefetch(keys))
+        self._fresh.update(keys)
+
     def __call__(self, shares: Sequence[float]) -> tuple[tuple[float, ...], float, Any]:
         key = self.rounded(shares)
-        if key in self.cache:
+        if key in self.cache and key not in self._fresh:
             self.hits += 1
         else:
             self.misses += 1
-            self.cache[key] = self.latency_of_shares(key)
+            self._fresh.discard(key)
+            if key not in self.cache:
+                self.cache[key] = self.latency_of_shares(key)
         latency, solution = self.cache[key]
         return key, float(latency), solution
 
@@ -194,6 +208,7 @@ class _Evaluator:
         if new:
             thr = np.array([[self.grids[s][i] for s, i in enumerate(iv)] for iv in new], dtype=np.float64)
             rep = replay(self.profile, thr.reshape(len(new), len(self.grids)))
+            self.memo.fill([tuple(float(x) for x in row) for row in rep.stage_shares])
             for k, iv in enumerate(new):
                 shares = tuple(float(x) for x in rep.stage_shares[k])
                 planned, latency, solution = self.memo(shares)
