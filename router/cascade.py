@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Sequence
 
-from router.judges import Answer, Judge
+from router.judges import FAILURE_POLICIES, Answer, Judge
 from router.pool import PoolFull
 from router.protocol import EngineError, GenerateRequest
 
@@ -177,8 +177,6 @@ class Cascade:
 
     def __init__(self, stages: Sequence[Stage], judge: Judge | None, *, clock=time.perf_counter,
                  on_judge_failure: str = "escalate", judge_timeout_s: float | None = None, max_retries: int = 2):
-        from router.judges import FAILURE_POLICIES
-
         if on_judge_failure not in FAILURE_POLICIES:
             raise ValueError(f"on_judge_failure must be one of {FAILURE_POLICIES}, got {on_judge_failure!r}")
         if judge_timeout_s is not None and not judge_timeout_s > 0:

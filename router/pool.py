@@ -115,12 +115,12 @@ class ReplicaPool:
         return tuple(i for i in range(len(self.engines)) if i not in self._retired and i not in self._down)
 
     def _pick_index(self, prompt: str | None = None) -> int:
-        up = [i for i in range(len(self.engines)) if i not in self._down and i not in self._retired]
+        up = self.active
         candidates = up if len(up) <= POWER_OF_TWO_ABOVE else self._rng.sample(up, 2)
         best = min(candidates, key=lambda i: (self._outstanding[i], i))
         if prompt is not None:
             owner = self._prefix_owner.get(self._prefix_key(prompt))
-            if owner is not None and owner != best and owner not in self._down and owner not in self._retired:
+            if owner is not None and owner != best and owner in up:
                 load, least = self._outstanding[owner], self._outstanding[best]
                 if load <= least + max(self.affinity_slack * least, self.affinity_slack_tokens):
                     return owner
@@ -236,9 +236,6 @@ class ReplicaPool:
         """Healthy while any replica that takes requests is."""
         return any([await self.engines[i].health() for i in self.active])
 
-    async def replica_health(self) -> list[bool]:
-        return [i not in self._retired and await e.health() for i, e in enumerate(self.engines)]
-
     # ---------------- rolling updates ----------------
     def add_replica(self, engine: Engine, layout: object = None) -> int:
         """Put a started, healthy replica into service; returns its index."""
@@ -275,7 +272,8 @@ class ReplicaPool:
 
     async def stats(self) -> dict:
         return {"name": self.name, "replicas": len(self.engines), "in_flight": len(self._in_flight),
-                "max_queue": self.max_queue, "rejected": self.rejected, "down": list(self.down), "retired": sorted(self._retired),
+                "max_queue": self.max_queue, "rejected": self.rejected, "down": list(self.down),
+                "retired": sorted(self._retired),
                 "failures": self.failures, "heal_times_s": list(self.heal_times_s),
                 "outstanding_tokens": list(self._outstanding),
                 "replica_stats": [await e.stats() for e in self.engines]}

@@ -326,7 +326,7 @@ async def serve(dep: Deployment, host: str, port: int, *, log=print, ready: asyn
 
     from router.auth import AccessPolicy
     from router.metrics import RouterMetrics
-    from router.server import begin_drain, make_app, requests_cut
+    from router.server import begin_drain, make_app, requests_active, requests_cut
 
     access = access or AccessPolicy()
     app = make_app(dep.cascade, model_name=dep.model_name, member_engines=dep.members, metrics=RouterMetrics(),
@@ -360,7 +360,7 @@ async def serve(dep: Deployment, host: str, port: int, *, log=print, ready: asyn
         # cancelled handlers still have to run their cleanup (aborting engine work): give
         # them a bounded moment before the engines go away
         for _ in range(100):
-            if begin_drain(app) == 0:
+            if requests_active(app) == 0:
                 break
             await asyncio.sleep(0.01)
         left = requests_cut(app)

@@ -243,16 +243,10 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
                               else None),
                 headers={"x-cascadia-stage": result.stage_name, "x-cascadia-stage-index": str(result.stage_index)})
     except (ClientGone, ConnectionResetError):
-        metrics.record_failure(params.model, "aborted")
-        if request.app[_STATE]["draining"]:  # shutdown closed the connection at the deadline
-            request.app[_STATE]["cut"] += 1
-        log.info("request %s: client disconnected; engine work aborted", creq.request_id)
+        _record_abort(request, params.model, creq.request_id, "client disconnected")
         raise web.HTTPBadRequest(reason="client disconnected") from None  # nobody reads it
     except asyncio.CancelledError:  # aiohttp cancelled the handler (the client left, or shutdown)
-        metrics.record_failure(params.model, "aborted")
-        if request.app[_STATE]["draining"]:
-            request.app[_STATE]["cut"] += 1
-        log.info("request %s: cancelled; engine work aborted", creq.request_id)
+        _record_abort(request, params.model, creq.request_id, "cancelled")
         raise
     except EngineError as e:
         shed = isinstance(e, PoolFull)  # the stage's queue is full: 429, the client may retry
@@ -273,6 +267,15 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
     log.info("request %s: model=%s stage=%s scores=%s e2e=%.3fs", creq.request_id, params.model, result.stage_name,
              list(result.scores), result.timings.e2e_s)
     return response
+
+
+def _record_abort(request: web.Request, model: str, request_id: str, why: str) -> None:
+    """A request that ended without an answer (its engine work is aborted by the cascade);
+    while draining, that is shutdown cutting it at the deadline."""
+    request.app[_METRICS].record_failure(model, "aborted")
+    if request.app[_STATE]["draining"]:
+        request.app[_STATE]["cut"] += 1
+    log.info("request %s: %s; engine work aborted", request_id, why)
 
 
 def _recorded(e: RequestError) -> RequestError:
@@ -361,11 +364,16 @@ def requests_cut(app: web.Application) -> int:
     return app[_STATE]["cut"]
 
 
+def requests_active(app: web.Application) -> int:
+    """API requests being handled right now."""
+    return app[_STATE]["active"]
+
+
 def begin_drain(app: web.Application) -> int:
     """Shutdown has begun: readiness turns 503 and new API requests get 503 while the
     requests in flight finish. Returns how many API requests are being handled."""
     app[_STATE]["draining"] = True
-    return app[_STATE]["active"]
+    return requests_active(app)
 
 
 async def _ready(request: web.Request) -> web.Response:
