@@ -25,7 +25,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.replay.records import read_records, timings
+from benchmarks.router_overhead import stop_child
 from cascadia.metrics import summarize
 from cascadia.traces import Trace, builtin_trace_path, load_trace, scale_lengths
 
@@ -76,14 +76,7 @@ def start_server(cmd: list[str], log_path: Path, env: dict | None = None,
 
 def stop_server(proc: subprocess.Popen, timeout_s: float = 90.0) -> None:
     """SIGTERM to the server's own process group (it started it), then SIGKILL if needed."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+    stop_child(proc, timeout_s)
 
 
 def replay(url: str, trace_file: Path, time_scale: float, out: Path, extra: list[str] = ()) -> list:

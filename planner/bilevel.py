@@ -401,7 +401,8 @@ def plan(cascade_models: Sequence[ModelSpec], cluster: ClusterSpec, trace: Trace
     for keep in sub_cascade_indices(len(models)):
         label = " -> ".join(models[i].name for i in keep)
         sub_profile = restrict_profile(profile, keep)
-        if best_reachable_quality(sub_profile, options.max_points_per_stage) < q_min - 1e-9:
+        # the full cascade's reachable quality was checked by check_inputs already
+        if len(keep) < len(models) and best_reachable_quality(sub_profile, options.max_points_per_stage) < q_min - 1e-9:
             results.append((label, "cannot reach q_min"))
             continue
         sub_judge = judge
@@ -420,8 +421,7 @@ def plan(cascade_models: Sequence[ModelSpec], cluster: ClusterSpec, trace: Trace
 def sub_cascade_indices(n_models: int) -> list[tuple[int, ...]]:
     """Every non-empty ordered subset of the cascade's stages, the full cascade first,
     then longer before shorter (the order ties are broken in)."""
-    subsets = [keep for r in range(n_models, 0, -1) for keep in itertools.combinations(range(n_models), r)]
-    return subsets
+    return [keep for r in range(n_models, 0, -1) for keep in itertools.combinations(range(n_models), r)]
 
 
 def restrict_profile(profile: QualityProfile, keep: Sequence[int]) -> QualityProfile:
@@ -442,10 +442,10 @@ def _best_of(results: list[tuple[str, Any]], wall0: float) -> Plan | Infeasible:
         reasons = "; ".join(f"{label}: {p if isinstance(p, str) else p.reason}" for label, p in results)
         return Infeasible(f"no cascade or sub-cascade has a plan ({reasons})")
     # ties (within 0.1%) go to the earlier, longer cascade
-    best_label, best = plans[0]
-    for label, p in plans[1:]:
+    best = plans[0][1]
+    for _, p in plans[1:]:
         if p.prediction.e2e_p95_s < best.prediction.e2e_p95_s * (1 - 1e-3):
-            best_label, best = label, p
+            best = p
     alternatives = tuple((label, float(p.prediction.e2e_p95_s) if isinstance(p, Plan) else math.nan,
                           "" if isinstance(p, Plan) else (p if isinstance(p, str) else p.reason))
                          for label, p in results)

@@ -286,7 +286,8 @@ def latency_table(model: ModelSpec, gpu: GPUSpec, trace_for_stage: Trace, *, max
                   engine: EngineConfig = EngineConfig(), efficiency: Efficiency | None = None,
                   cache_dir: str | os.PathLike | None = None, processes: int | None = None,
                   progress: Callable[[int, int], None] | None = None, max_requests: int = DEFAULT_MAX_REQUESTS,
-                  min_requests: int = DEFAULT_MIN_REQUESTS, min_window_s: float = DEFAULT_MIN_WINDOW_S, min_gain: float = 0.02, use_cache: bool = True,
+                  min_requests: int = DEFAULT_MIN_REQUESTS, min_window_s: float = DEFAULT_MIN_WINDOW_S,
+                  min_gain: float = 0.02, use_cache: bool = True,
                   stats: TableStats | None = None) -> dict[int, LayoutOption]:
     """f -> the best option on at most f GPUs, for f = 1..max_gpus; f that cannot hold the
     model are absent. The stage trace is cut to its first requests (`table_window`).
@@ -317,7 +318,8 @@ def latency_table(model: ModelSpec, gpu: GPUSpec, trace_for_stage: Trace, *, max
     else:
         _init_worker(ctx)
     try:
-        table = _search(model, gpu, shapes, trace, max_gpus, min_gain, pool, stats, progress, prefix)
+        table = _search(model, gpu, shapes, trace, max_gpus, min_gain, pool, stats, progress, prefix,
+                        workers=processes if pool is not None else 1)
     finally:
         if pool is not None:
             pool.close()
@@ -328,9 +330,10 @@ def latency_table(model: ModelSpec, gpu: GPUSpec, trace_for_stage: Trace, *, max
 
 
 def _search(model, gpu, shapes, trace, max_gpus, min_gain, pool, stats, progress,
-            prefix: dict[int, LayoutOption] | None = None) -> dict[int, LayoutOption]:
+            prefix: dict[int, LayoutOption] | None = None, workers: int = 1) -> dict[int, LayoutOption]:
     """The table for f = 1..max_gpus; `prefix` (a table built for fewer GPUs, f = 1..k)
-    is kept and the search resumes at k + 1 from its best option."""
+    is kept and the search resumes at k + 1 from its best option. `workers`: the pool's
+    processes (1 without a pool)."""
     table: dict[int, LayoutOption] = {}
     if not shapes:
         return table
@@ -345,7 +348,7 @@ def _search(model, gpu, shapes, trace, max_gpus, min_gain, pool, stats, progress
     # GPU counts are evaluated in blocks whose simulations run as one batch, so both cores
     # stay busy; pruning uses the best option found before the block (a few more
     # simulations than strictly sequential pruning, the same table).
-    want_tasks = 2 * (getattr(pool, "_processes", 1) or 1) if pool is not None else 1
+    want_tasks = 2 * workers if pool is not None else 1
     best: LayoutOption | None = None
     f = 1
     if prefix:
