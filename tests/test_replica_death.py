@@ -132,3 +132,53 @@ def test_killing_the_only_last_stage_replica_holds_requests_and_ends_live_stream
                   failed_mid_stream=len(failed), failed_other=0, held_then_served=cascade.retries,
                   heal_s=round(pool.heal_times_s[0], 2), restart_s=RESTART_S,
                   slowest_request_s=round(max(r["s"] for r in results), 2))
+
+
+def test_ray_kill_of_a_simulated_replica_actor_loses_no_request():
+    """The Ray-actor variant: two simulated replicas hosted in Ray actors
+    (router/engines/sim_actor.py, driven through RayEngine like vLLM replicas); one is
+    `ray.kill`ed (restart allowed) with requests in flight. Requests are retried on the other
+    replica, Ray restarts the actor, the healer rebuilds its engine, and it serves again."""
+    import ray
+
+    from router.engines.sim_actor import start_sim_actor
+
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        async def go():
+            replicas = [await start_sim_actor("small", STAGE, 0, time_dilation=1.0) for _ in range(2)]
+            pool = ReplicaPool(replicas, max_queue=64, hold_s=60)
+            cascade = Cascade([Stage("small", pool, None)], None)
+            app = make_app(cascade, model_name="cascade", member_engines={}, metrics=RouterMetrics())
+            from aiohttp.test_utils import TestClient, TestServer
+
+            async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+                async def ask(k):
+                    resp = await client.post("/v1/chat/completions", json={
+                        "model": "cascade", "messages": [{"role": "user", "content": f"q{k}"}],
+                        "max_tokens": MAX_TOKENS})
+                    return resp.status, (await resp.json()).get("usage", {}).get("completion_tokens")
+
+                tasks = [asyncio.create_task(ask(k)) for k in range(16)]
+                await wait_until(lambda: pool.in_flight >= 12, 30)
+                await asyncio.sleep(0.3)
+                ray.kill(replicas[0].actor, no_restart=False)
+                results = await asyncio.wait_for(asyncio.gather(*tasks), 120)
+                await wait_until(lambda: not pool.down and pool.heal_times_s, 60)
+                after = await ask(99)
+            for r in replicas:
+                await r.shutdown()
+            return results, after, pool, cascade
+
+        results, after, pool, cascade = asyncio.run(go())
+        assert results == [(200, MAX_TOKENS)] * 16, results
+        assert cascade.retries >= 1 and pool.failures >= 1
+        assert pool.heal_times_s and replicas_restarted(pool) and after == (200, MAX_TOKENS)
+        record_figure("replica death (sim in Ray actors, ray.kill)", requests=16, failed=0, retried=cascade.retries,
+                      heal_s=round(pool.heal_times_s[0], 2))
+    finally:
+        ray.shutdown()
+
+
+def replicas_restarted(pool) -> bool:
+    return any(getattr(e, "restarts", 0) >= 1 for e in pool.engines)

@@ -70,7 +70,8 @@ async def start_sim_actor(name: str, stage: Any, layout_index: int, *, time_dila
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    options: dict[str, Any] = {"max_concurrency": 1000, "num_cpus": 0}
+    # Ray restarts a killed actor; RayEngine.recover then rebuilds its simulated engine
+    options: dict[str, Any] = {"max_concurrency": 1000, "num_cpus": 0, "max_restarts": 5, "max_task_retries": 0}
     pg = None
     if placement is not None:
         pg = placement_group(list(placement.bundles), strategy=placement.strategy)
