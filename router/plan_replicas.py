@@ -138,6 +138,14 @@ def plan_launches(plan, model_dirs: Mapping[str, str], *, skip: Iterable[str] = 
     return out
 
 
+def launch_order(launches: Sequence[ReplicaLaunch]) -> list[ReplicaLaunch]:
+    """The order to start replicas in: biggest reservation first (stable), the order
+    `capacity_problem` packs them in. Ray places each placement group when it is created,
+    so small groups started first could scatter over the nodes and leave no node with room
+    for a big one that the check said fits."""
+    return sorted(launches, key=lambda x: -sum(x.demand().values()))
+
+
 def _fmt(x: float) -> str:
     return f"{x:g}"
 
@@ -167,7 +175,7 @@ def capacity_problem(launches: Sequence[ReplicaLaunch], nodes: Sequence[Mapping[
         return False
 
     # big groups first, as a packer would; the message names the replica that found no node
-    for launch in sorted(launches, key=lambda x: -sum(x.demand().values())):
+    for launch in launch_order(launches):
         groups = [launch.demand()] if launch.placement is None or launch.placement.strategy == "STRICT_PACK" \
             else [dict(b) for b in launch.placement.bundles]
         for need in groups:

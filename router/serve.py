@@ -177,12 +177,15 @@ async def default_deployment(*, threshold: float, kv_cache_gib: float = 1.0,
 
 async def plan_deployment(plan_path: str, engine_kind: str, *, time_dilation: float = 1.0, warmup_requests: int = 40,
                           endpoints: Mapping[str, StageEndpoint] | None = None, kv_cache_gib: float = 1.0,
-                          log=print, judge_config: JudgeConfig = JudgeConfig()) -> Deployment:
+                          log=print, judge_config: JudgeConfig = JudgeConfig(), on_ray: bool = False) -> Deployment:
     """A plan's stages: each replica as a simulated engine (`sim`: a dry run of a GPU plan on
     a laptop) or a vLLM engine on the connected Ray cluster (`vllm`, placed as the plan says,
     see router/plan_replicas.py); a stage with an endpoint (the plan's, or `endpoints`, which
-    win) is served by that external endpoint. The judge (`judge_config`, default logprob)
-    applies the plan's thresholds, re-calibrated when the plan was made for another judge."""
+    win) is served by that external endpoint. `sim` with `on_ray` (serve --address or
+    RAY_ADDRESS): each simulated replica runs in a Ray actor inside the placement group a
+    vLLM replica would get, on the connected cluster; without it, in this process. The
+    judge (`judge_config`, default logprob) applies the plan's thresholds, re-calibrated
+    when the plan was made for another judge."""
     from cascadia.plan import Plan
     from router.cascade import Stage
     from router.pool import ReplicaPool
@@ -194,7 +197,11 @@ async def plan_deployment(plan_path: str, engine_kind: str, *, time_dilation: fl
     chosen.update(endpoints or {})
     dep = Deployment(None, {}, "cascadia")
     try:
-        if engine_kind == "sim":
+        if engine_kind == "sim" and on_ray:
+            replicas = await _sim_ray_replicas(plan, chosen, dep, time_dilation, log)
+            dep.notes.append("SIMULATED engines in Ray actors, placed as the plan says (timing from the calibrated "
+                             "performance model, synthetic text)")
+        elif engine_kind == "sim":
             replicas = _sim_replicas(plan, chosen, time_dilation)
             dep.notes.append("SIMULATED engines (timing from the calibrated performance model, synthetic text)")
         else:
@@ -230,22 +237,59 @@ async def plan_deployment(plan_path: str, engine_kind: str, *, time_dilation: fl
     return dep
 
 
-def _sim_replicas(plan, endpoints: Mapping[str, StageEndpoint], time_dilation: float) -> list[list]:
+def _stage_deployments(plan) -> list:
+    """Each stage as the offline simulator deploys it (`cascadia.sim.cluster.StageDeployment`)."""
     from cascadia.sim.cluster import StageDeployment
-    from router.engines.sim import SimulatedEngine
 
     pools_by_gpu = {p.gpu.name: p for p in plan.cluster.pools}
     out = []
     for st, model in zip(plan.stages, plan.models):
-        if model.name in endpoints:
-            out.append([])
-            continue
         pool_spec = pools_by_gpu.get(st.gpu) or plan.cluster.pools[0]
-        dep = StageDeployment(model, pool_spec.gpu, st.replicas, plan.engine, None, pool_spec.gpus_per_node)
+        out.append(StageDeployment(model, pool_spec.gpu, st.replicas, plan.engine, None, pool_spec.gpus_per_node))
+    return out
+
+
+def _sim_replicas(plan, endpoints: Mapping[str, StageEndpoint], time_dilation: float) -> list[list]:
+    from router.engines.sim import SimulatedEngine
+
+    out = []
+    for st, model, stage in zip(plan.stages, plan.models, _stage_deployments(plan)):
         # every replica carries the served model name (a pool serves one model)
-        out.append([SimulatedEngine.from_stage(model.name, dep, r, time_dilation=time_dilation)
+        out.append([] if model.name in endpoints else
+                   [SimulatedEngine.from_stage(model.name, stage, r, time_dilation=time_dilation)
                     for r in range(len(st.replicas))])
     return out
+
+
+async def _sim_ray_replicas(plan, endpoints: Mapping[str, StageEndpoint], dep: Deployment, time_dilation: float,
+                            log) -> list[list]:
+    """Simulated replicas in Ray actors on the connected cluster, in the placement groups
+    `--engine vllm` would reserve; refused, before anything starts, when the cluster cannot
+    hold them. Each started replica is registered in `dep` for shutdown."""
+    import ray
+
+    from router.engines.sim_actor import RAY_CHUNK_INTERVAL_S, start_sim_actor
+    from router.plan_replicas import PlanCapacityError, capacity_problem, launch_order, plan_launches
+
+    if not ray.is_initialized():
+        raise RuntimeError("simulated replicas on Ray need a connected Ray cluster (serve --address or RAY_ADDRESS)")
+    # a simulated replica loads no weights: the launch's model directory is never read
+    launches = plan_launches(plan, {m.name: m.name for m in plan.models}, skip=set(endpoints))
+    problem = capacity_problem(launches, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+    if problem:
+        raise PlanCapacityError(problem)
+    stages = _stage_deployments(plan)
+    out: list[list] = [[] for _ in plan.stages]
+    log(f"starting {len(launches)} simulated replica(s) in Ray actors")
+    for launch in launch_order(launches):
+        eng = await start_sim_actor(launch.stage_name, stages[launch.stage_index], launch.replica_index,
+                                    time_dilation=time_dilation, placement=launch.placement,
+                                    device_resource=launch.device, chunk_interval_s=RAY_CHUNK_INTERVAL_S)
+        dep.stoppers.append(eng.shutdown)
+        out[launch.stage_index].append((launch.replica_index, eng))
+        log(f"  {launch.name} ready ({launch.describe()})")
+    # started big groups first; the pools keep the plan's replica order (layouts match)
+    return [[eng for _, eng in sorted(engines, key=lambda x: x[0])] for engines in out]
 
 
 async def _vllm_replicas(plan, endpoints: Mapping[str, StageEndpoint], dep: Deployment, kv_cache_gib: float,
@@ -257,7 +301,8 @@ async def _vllm_replicas(plan, endpoints: Mapping[str, StageEndpoint], dep: Depl
     import ray
 
     from router.engines.vllm_ray import start_vllm_engine
-    from router.plan_replicas import PlanCapacityError, capacity_problem, plan_launches, resolve_model_dir
+    from router.plan_replicas import (PlanCapacityError, capacity_problem, launch_order, plan_launches,
+                                      resolve_model_dir)
 
     if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
@@ -271,15 +316,17 @@ async def _vllm_replicas(plan, endpoints: Mapping[str, StageEndpoint], dep: Depl
     out: list[list] = [[] for _ in plan.stages]
     cores = os.cpu_count() or 1
     log(f"starting {len(launches)} vLLM engine(s) on Ray")
-    for k, launch in enumerate(launches):
+    # big groups first, as capacity_problem checked: started in plan order, small groups
+    # could scatter over the nodes and leave no node free for a big one
+    for k, launch in enumerate(launch_order(launches)):
         # one core per single-core CPU replica: else every replica runs on the parent's core
         core = k % cores if launch.device == "CPU" and launch.placement is None else None
         eng = await start_vllm_engine(launch.stage_name, launch.settings, num_cpus=launch.actor_cpus,
                                       cpu_core=core, device=launch.device, placement=launch.placement)
         dep.stoppers.append(eng.shutdown)
-        out[launch.stage_index].append(eng)
+        out[launch.stage_index].append((launch.replica_index, eng))
         log(f"  {launch.name} ready ({launch.describe()})")
-    return out
+    return [[eng for _, eng in sorted(engines, key=lambda x: x[0])] for engines in out]
 
 
 async def recalibrated(stages, judge, stage_shares, n_requests: int, log) -> list:
@@ -376,14 +423,19 @@ def serve_main(args) -> int:
         print(msg, flush=True)
 
     async def main() -> None:
+        import os
+
         endpoints = getattr(args, "stage_endpoints", None) or {}
-        if args.address:
+        # RAY_ADDRESS counts as --address: connect first (a later ray.init(num_cpus=...)
+        # would refuse an existing cluster) and place simulated replicas on it too
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if address:
             import ray
 
-            ray.init(address=args.address)
+            ray.init(address=address)
         if args.plan:
             dep = await plan_deployment(args.plan, args.engine, time_dilation=args.time_dilation, log=log,
-                                        judge_config=args.judge_config,
+                                        judge_config=args.judge_config, on_ray=bool(address),
                                         endpoints=endpoints, kv_cache_gib=args.kv_cache_gib)
         else:
             dep = await default_deployment(threshold=args.threshold, kv_cache_gib=args.kv_cache_gib,

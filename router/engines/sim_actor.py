@@ -1,7 +1,8 @@
 """A SIMULATED replica hosted in a Ray actor, placed like a real one.
 
 `SimulatedEngine` runs in the router's process; for a dry run of a GPU plan on a Ray
-cluster (e.g. a multi-node cluster of loopback nodes whose "GPUs" are resource counts),
+cluster (`cascadia serve --plan --engine sim --address ...`, e.g. on a multi-node cluster
+of loopback nodes whose "GPUs" are resource counts),
 `SimEngineActor` hosts it in an actor inside the replica's placement group -- the same
 bundles `cascadia serve --plan --engine vllm` reserves (router/plan_replicas.py) -- so where
 each replica lands is decided by Ray exactly as for vLLM replicas. The router talks to it
@@ -11,19 +12,28 @@ through `RayEngine` (router/engines/vllm_ray.py): the actor has the same methods
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any, AsyncIterator
 
 from router.engines.vllm_ray import RayEngine, ReplicaPlacement
-from router.protocol import GenerateRequest, TokenChunk
+from router.protocol import EngineError, GenerateRequest, TokenChunk
+
+# Simulated seconds between a request's token chunks when the replica is an actor: every
+# chunk is a Ray object, so the in-process default (0.05 s) would cost the router a core
+# at plan-scale rates. First and last tokens are never delayed (router/engines/sim.py),
+# so TTFT and end-to-end latency do not depend on it.
+RAY_CHUNK_INTERVAL_S = 0.5
 
 
 class SimEngineActor:
     """Wrapped by `ray.remote` in `start_sim_actor`. `stage` is a
     `cascadia.sim.cluster.StageDeployment`; the replica is its layout `layout_index`."""
 
-    def __init__(self, name: str, stage: Any, layout_index: int, time_dilation: float):
+    def __init__(self, name: str, stage: Any, layout_index: int, time_dilation: float,
+                 chunk_interval_s: float | None = None):
         self.name, self.stage, self.layout_index, self.time_dilation = name, stage, layout_index, time_dilation
+        self.chunk_interval_s = chunk_interval_s
         self.engine: Any = None
 
     async def start(self, warmup: bool = True) -> dict:
@@ -32,8 +42,9 @@ class SimEngineActor:
         from router.engines.sim import SimulatedEngine
 
         if self.engine is None:
+            extra = {} if self.chunk_interval_s is None else {"chunk_interval_s": self.chunk_interval_s}
             self.engine = SimulatedEngine.from_stage(self.name, self.stage, self.layout_index,
-                                                     time_dilation=self.time_dilation)
+                                                     time_dilation=self.time_dilation, **extra)
         return {"name": self.name, "pid": os.getpid(), "child_pids": [], "max_model_len": self.engine.max_model_len,
                 "node_id": ray.get_runtime_context().get_node_id(), "simulated": True}
 
@@ -63,9 +74,12 @@ class SimEngineActor:
 
 
 async def start_sim_actor(name: str, stage: Any, layout_index: int, *, time_dilation: float = 1.0,
-                          placement: ReplicaPlacement | None = None, device_resource: str = "GPU") -> RayEngine:
+                          placement: ReplicaPlacement | None = None, device_resource: str = "GPU",
+                          chunk_interval_s: float | None = None, ready_timeout_s: float = 300.0) -> RayEngine:
     """Start the simulated replica in its placement group (or, for a one-device replica, as
-    an actor holding that device) on the connected Ray cluster."""
+    an actor holding that device: `device_resource` GPU, CPU or a custom resource) on the
+    connected Ray cluster. A group Ray cannot place within `ready_timeout_s` is removed and
+    EngineError says which replica found no room."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -75,11 +89,21 @@ async def start_sim_actor(name: str, stage: Any, layout_index: int, *, time_dila
     pg = None
     if placement is not None:
         pg = placement_group(list(placement.bundles), strategy=placement.strategy)
-        await pg.ready()
+        try:
+            await asyncio.wait_for(pg.ready(), ready_timeout_s)
+        except asyncio.TimeoutError:
+            ray.util.remove_placement_group(pg)
+            raise EngineError(f"simulated replica {name}/r{layout_index}: Ray placed no group of "
+                              f"{list(placement.bundles)} ({placement.strategy}) within {ready_timeout_s:g} s") from None
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=pg, placement_group_bundle_index=placement.actor_bundle_index)
+    elif device_resource == "GPU":
+        options["num_gpus"] = 1
+    elif device_resource == "CPU":
+        options["num_cpus"] = 1
     else:
-        options.update({"num_gpus": 1} if device_resource == "GPU" else {"resources": {device_resource: 1.0}})
-    actor = ray.remote(SimEngineActor).options(**options).remote(name, stage, layout_index, time_dilation)
+        options["resources"] = {device_resource: 1.0}
+    actor = ray.remote(SimEngineActor).options(**options).remote(name, stage, layout_index, time_dilation,
+                                                                  chunk_interval_s)
     info = await actor.start.remote()
     return RayEngine(name, actor, info, placement_group=pg, tokenizer_dir=None)

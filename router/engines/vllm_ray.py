@@ -90,6 +90,8 @@ class VLLMEngineActor:
         self.startup_s = 0.0
 
     async def start(self, warmup: bool = True) -> dict:
+        import ray
+
         from cascadia.vllm_adapter import start_async_engine
 
         t0 = time.perf_counter()
@@ -103,7 +105,7 @@ class VLLMEngineActor:
         eff = self._engine.effective_settings()
         return {"name": self.name, "pid": os.getpid(), "child_pids": _child_pids(), "engine_ready_s": ready_s, "startup_s": self.startup_s,
                 "max_model_len": eff.max_model_len, "effective": eff.as_dict(),
-                "cpu_affinity": sorted(os.sched_getaffinity(0))}
+                "cpu_affinity": sorted(os.sched_getaffinity(0)), "node_id": ray.get_runtime_context().get_node_id()}
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]:
         if self._engine is None:
