@@ -15,7 +15,10 @@ Nothing sleeps a fixed time per request.
   request's first and last tokens are never delayed.
 - Synthetic output: each request generates exactly `max_tokens` tokens (finish reason
   "length"; `stop` and EOS are not simulated), of made-up words with made-up logprobs,
-  deterministic per request id and seed.
+  deterministic per request id and seed. Each answer has a confidence of its own (a mean
+  token logprob drawn per request, tokens scattered around it), so the logprob judge's
+  score does not depend on the answer's length: thresholds re-calibrated on short warm-up
+  answers escalate the planned share of long ones too.
 - Prompt length: the text's length in characters / 4, rounded up (about 4 characters per
   token for English text under BPE tokenizers); `count_tokens` uses the same rule.
 - Fault injection: `crash(restart_s)` is the simulated counterpart of a killed replica:
@@ -62,6 +65,7 @@ class _Live:
     sent: int = 0
     last_sent_sim_s: float = -math.inf
     rng: random.Random | None = None
+    mean_logprob: float = -0.25  # this answer's confidence (see the module docstring)
 
 
 class _Virtual:
@@ -151,8 +155,8 @@ class SimulatedEngine:
         self._next_rid += 1
         if not ve.sim.fits(seq):
             raise EngineError(f"{self.name}: request {req.request_id} needs more KV cache than the replica has")
-        live = _Live(req, seq, ve, asyncio.Queue(),
-                     rng=random.Random(zlib.crc32(req.request_id.encode()) ^ (req.seed or self.seed)))
+        rng = random.Random(zlib.crc32(req.request_id.encode()) ^ (req.seed or self.seed))
+        live = _Live(req, seq, ve, asyncio.Queue(), rng=rng, mean_logprob=-max(rng.expovariate(4.0), 1e-3))
         self._live[req.request_id] = live
         self._by_seq[seq.rid] = live
         ve.sim.add(seq, now)
@@ -297,7 +301,8 @@ class SimulatedEngine:
         ids = tuple(rng.randrange(1000, 30000) for _ in range(new))
         words = [_WORDS[t % len(_WORDS)] for t in ids]
         text = "".join((" " if live.sent + i else "") + w for i, w in enumerate(words))
-        lps = tuple(-rng.expovariate(4.0) for _ in range(new)) if live.req.logprobs else ()
+        # gamma(4, 1/4) has mean 1: token logprobs average the answer's mean_logprob
+        lps = tuple(live.mean_logprob * rng.gammavariate(4.0, 0.25) for _ in range(new)) if live.req.logprobs else ()
         first = live.sent == 0
         live.sent = generated
         live.last_sent_sim_s = now
