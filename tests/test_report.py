@@ -94,6 +94,25 @@ def test_reference_plan_gives_relative_deadlines_per_answering_stage(records_fil
     assert min_slo_scale(run.timings.e2e_s, base, 0.8) > 0
 
 
+def test_time_dilation_reports_a_dry_run_in_plan_time_against_the_plans_prediction(records_file, plan_path,
+                                                                                    capsys):
+    plan = Plan.load(plan_path)
+    assert main(["report", str(records_file), "--json", str(records_file.with_suffix(".wall.json"))]) == 0
+    assert main(["report", str(records_file), "--reference", str(plan_path), "--time-dilation", "4",
+                 "--json", str(records_file.with_suffix(".plan.json"))]) == 0
+    text = capsys.readouterr().out
+    wall = json.loads(records_file.with_suffix(".wall.json").read_text())[0]
+    dilated = json.loads(records_file.with_suffix(".plan.json").read_text())[0]
+    for key in ("e2e_s", "ttft_s", "tpot_s", "itl_s"):
+        assert dilated[key]["p95"] == pytest.approx(4 * wall[key]["p95"])
+    assert dilated["requests_per_s"] == pytest.approx(wall["requests_per_s"] / 4)
+    predicted = plan.prediction.e2e_p95_s
+    assert dilated["plan_e2e_p95_s"] == predicted
+    want = f"{(dilated['e2e_s']['p95'] - predicted) / predicted:+.1%} vs the plan"
+    assert f"plan prediction: E2E p95 {predicted * 1e3:.1f} ms" in text and want in text
+    assert "live times x4" in text
+
+
 def test_slo_parsing():
     assert parse_slo("ttft:200,e2e:5000") == SLO(ttft_s=0.2, e2e_s=5.0)
     for bad in ("ttft=200", "ttft:-1", "foo:3", "ttft:1,ttft:2", "e2e:x"):
@@ -110,6 +129,7 @@ def test_slo_parsing():
     ("OK", ["--slo-scale", "2"], "--reference"),
     ("OK", ["--reference", "/nonexistent/plan.json"], "no such plan file"),
     ("OK", ["--labels", "a,b"], "--labels"),
+    ("OK", ["--time-dilation", "0"], "--time-dilation"),
     ('{"summary": {}, "requests": {"arrival_s": []}}', [], "simulator output lacks"),
 ])
 def test_bad_report_input_is_one_line_exit_2(records_file, tmp_path, capsys, make, extra, message):

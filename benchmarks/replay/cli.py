@@ -72,6 +72,9 @@ def add_replay_parsers(sub) -> None:
                                                             "request's deadline unit (see --slo-scale)")
     p.add_argument("--slo-scale", metavar="S1,S2,...", help="with --reference: report attainment at these scales "
                                                             "(default 1,2,5,10)")
+    p.add_argument("--time-dilation", type=float, default=1.0, metavar="D",
+                   help="replay records of a server with simulated engines at D simulated s per wall s (`serve "
+                        "--time-dilation D`): report their times x D, in plan time (default 1)")
     p.add_argument("--labels", metavar="A,B,...", help="column names (default: file names)")
     p.add_argument("--plot", metavar="PNG", help="draw latency CDFs and attainment vs SLO scale")
     p.add_argument("--json", metavar="OUT", help="also write every metric as JSON")

@@ -70,6 +70,29 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
                np.array([r.output_tokens if r.status == "ok" else r.max_tokens for r in records]), scores)
 
 
+def dilated(run: Run, factor: float) -> Run:
+    """A live run served by simulated engines at `factor` simulated seconds per wall second
+    (`cascadia serve --time-dilation`), in simulated (plan) time: every time x factor."""
+    if run.kind != "live" or factor == 1.0:
+        return run
+    t = run.timings
+    scaled = RequestTimings(start_s=t.start_s * factor, end_s=t.end_s * factor, ttft_s=t.ttft_s * factor,
+                            tpot_s=t.tpot_s * factor, e2e_s=t.e2e_s * factor, output_tokens=t.output_tokens,
+                            ok=t.ok, final_stage=t.final_stage, itl_s=t.itl_s * factor)
+    return Run(run.label, run.kind, scaled, run.input_tokens, run.output_tokens, run.judge_scores)
+
+
+def versus_prediction(results: Sequence[dict], predicted_e2e_p95_s: float) -> list[str]:
+    """One line per run: its E2E p95 against the plan's predicted one."""
+    lines = []
+    for r in results:
+        got = r["e2e_s"]["p95"]
+        diff = "n/a" if not (math.isfinite(got) and predicted_e2e_p95_s > 0) \
+            else f"{(got - predicted_e2e_p95_s) / predicted_e2e_p95_s:+.1%}"
+        lines.append(f"  {r['label']} ({r['kind']}): E2E p95 {_ms(got)} ms, {diff} vs the plan")
+    return lines
+
+
 def parse_slo(text: str | None) -> SLO | None:
     """``ttft:MS,tpot:MS,e2e:MS`` (any subset) -> SLO in seconds."""
     if not text:
@@ -217,15 +240,18 @@ def report_main(args) -> int:
         raise UsageError(str(e)) from None
     if args.slo_scale and not args.reference:
         raise UsageError("--slo-scale needs --reference (the plan that gives each request's unloaded latency)")
+    dilation = getattr(args, "time_dilation", 1.0)
+    if not (math.isfinite(dilation) and dilation > 0):
+        raise UsageError(f"--time-dilation must be > 0, got {dilation:g}")
     runs = []
     for path, label in zip(args.inputs, labels):
         if not Path(path).is_file():
             raise UsageError(f"no such file: {path}")
         try:
-            runs.append(load_run(path, label))
+            runs.append(dilated(load_run(path, label), dilation))
         except (FileFormatError, UnicodeDecodeError) as e:
             raise UsageError(str(e).splitlines()[0]) from None
-    unloaded = None
+    unloaded, plan = None, None
     if args.reference:
         from cascadia.plan import Plan, PlanError
 
@@ -242,9 +268,19 @@ def report_main(args) -> int:
     results = [run_metrics(r, slo, None if unloaded is None else unloaded[i], scales) for i, r in enumerate(runs)]
     if slo is not None:
         print(f"SLO: {slo.describe()}")
+    if dilation != 1.0:
+        print(f"live times x{dilation:g}: served by simulated engines at {dilation:g} simulated s per wall s "
+              f"(plan time)")
     if unloaded is not None:
         print(f"relative deadlines: scale x each request's latency alone on {args.reference}")
     print(format_table(results))
+    if plan is not None and plan.prediction.e2e_p95_s and math.isfinite(plan.prediction.e2e_p95_s):
+        predicted = plan.prediction.e2e_p95_s
+        print(f"plan prediction: E2E p95 {_ms(predicted)} ms ({args.reference}: full-cascade simulation on the "
+              f"trace it was planned for: {plan.workload.n_requests} requests at {plan.workload.mean_rate_rps:.2f} req/s)")
+        print("\n".join(versus_prediction(results, predicted)))
+        for r in results:
+            r["plan_e2e_p95_s"] = predicted
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
         print(f"wrote {args.json}")
