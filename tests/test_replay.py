@@ -126,6 +126,23 @@ def test_replay_cli_records_every_request_on_schedule(sim_server, tmp_path, caps
     assert "24 ok, 0 failed" in capsys.readouterr().out
 
 
+def test_sim_sized_prompts_are_counted_as_traced_by_simulated_engines(sim_server, tmp_path):
+    from benchmarks.replay.prompts import SimPrompts
+    from router.engines.sim import approx_tokens
+
+    src = SimPrompts(seed=5)
+    for i, n in enumerate([1, 3, 64, 1151, 4000]):
+        text = src.text(i, n)
+        assert approx_tokens(text) == src.count(text) == n and text == text.strip()
+    assert src.text(0, 64) != src.text(1, 64)
+    out = tmp_path / "r.jsonl"
+    assert main(["replay", "--url", sim_server.url, "--trace", "azure-conv", "--limit", "6", "--rate", "20",
+                 "--length-scale", "0.05", "--tokenizer", "sim", "--no-progress", "--out", str(out)]) == 0
+    recs = read_records(out)
+    assert all(r.status == OK for r in recs)
+    assert [r.prompt_tokens for r in recs] == [r.input_tokens for r in recs]  # the server's count is the trace's
+
+
 def test_trace_timestamps_are_time_scaled(sim_server, tmp_path):
     out = tmp_path / "r.jsonl"
     rc = main(["replay", "--url", sim_server.url, "--trace", "azure-conv", "--limit", "8", "--time-scale", "0.2",

@@ -46,7 +46,8 @@ def add_replay_parsers(sub) -> None:
                    help="completions (default with synthetic prompts) or chat (default with --prompts)")
     p.add_argument("--tokenizer", help="local Hugging Face model directory whose tokenizer sizes prompts "
                                        "(default: the SmolLM2 cache directory if present; 'none' = ~1 token "
-                                       "per word)")
+                                       "per word; 'sim' = 4 characters per token, as a server on simulated "
+                                       "engines counts)")
     p.add_argument("--no-ignore-eos", action="store_true",
                    help="let answers stop at EOS (default: ignore_eos, exactly the traced output length)")
     p.add_argument("--logprobs", action="store_true",
@@ -123,8 +124,8 @@ def _prompt_source(args):
 
     if args.prompts and args.prompts not in pr.BUILTIN_PROMPTS and not Path(args.prompts).is_file():
         raise _usage(f"--prompts: no such file: {args.prompts}")
-    counter = pr.WordPrompts(args.seed)
-    tok_dir = None if args.tokenizer == "none" else (args.tokenizer or pr.default_tokenizer_dir())
+    counter = pr.SimPrompts(args.seed) if args.tokenizer == "sim" else pr.WordPrompts(args.seed)
+    tok_dir = None if args.tokenizer in ("none", "sim") else (args.tokenizer or pr.default_tokenizer_dir())
     if tok_dir is not None:
         if not Path(tok_dir).is_dir():
             raise _usage(f"--tokenizer: no such directory: {tok_dir}")

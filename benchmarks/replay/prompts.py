@@ -9,7 +9,10 @@ share a prefix and prefix caching cannot flatter the server):
   as the server counts a completions prompt;
 - without one, ``n`` words: each word of the list is one token with its leading space in
   GPT-style BPE vocabularies, so the count is ~n (documented approximation; the server's
-  own count lands in the record's ``prompt_tokens``).
+  own count lands in the record's ``prompt_tokens``);
+- for a server on simulated engines (``--tokenizer sim``): exactly ``4 n`` characters of
+  words, which the simulated engine counts as ``n`` tokens (its rule is 4 characters per
+  token, router/engines/sim.py); word prompts would count ~1.3 n there.
 
 Real prompts: MT-Bench questions (FastChat's question.jsonl; ``mtbench`` = the shipped
 copy), first turns only (a second turn needs the model's own first answer as history),
@@ -65,6 +68,29 @@ class WordPrompts:
 
     def count(self, text: str) -> int:
         return len(text.split())
+
+
+class SimPrompts:
+    """Exactly ``n_tokens`` under the simulated engine's counting rule."""
+
+    description = "sized for simulated engines: random common words, 4 characters per token"
+
+    def __init__(self, seed: int = 0):
+        from router.engines.sim import CHARS_PER_TOKEN
+
+        self.seed = seed
+        self.chars_per_token = CHARS_PER_TOKEN
+
+    def text(self, index: int, n_tokens: int) -> str:
+        n_chars = max(n_tokens, 1) * self.chars_per_token
+        # the shortest word has 2 letters: n_chars / 3 words (with their spaces) always suffice
+        text = " ".join(_words(index, n_chars // 3 + 1, self.seed))[:n_chars]
+        return text[:-1] + "." if text.endswith(" ") else text  # no trailing space for a server to strip
+
+    def count(self, text: str) -> int:
+        from router.engines.sim import approx_tokens
+
+        return approx_tokens(text)
 
 
 class TokenizerPrompts:
