@@ -214,6 +214,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--engine sim needs --plan (the plan says what to simulate)")
     if args.time_dilation <= 0:
         raise UsageError("--time-dilation must be > 0")
+    if args.calibration_requests < 1:
+        raise UsageError(f"--calibration-requests must be >= 1, got {args.calibration_requests}")
     if args.drain_timeout < 0:
         raise UsageError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout:g}")
     if args.max_body_bytes < 1024:
@@ -363,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per vLLM engine in GiB (default 1)")
     p.add_argument("--time-dilation", type=float, default=1.0,
                    help="with --engine sim: simulated seconds per wall second (default 1)")
+    p.add_argument("--calibration-requests", type=int, default=40, metavar="N",
+                   help="with --plan and a judge other than the plan's: warm-up answers per judged stage the "
+                        "thresholds are re-derived from (MT-Bench first turns, cycled; default 40)")
     p.add_argument("--stage-endpoint", action="append", default=[], metavar="MODEL=URL[,api_key_env=VAR]",
                    help="serve stage MODEL by an external OpenAI-compatible endpoint (its replicas are not "
                         "started); the API key, if any, is read from the environment variable VAR; repeatable")

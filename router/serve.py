@@ -339,7 +339,10 @@ async def recalibrated(stages, judge, stage_shares, n_requests: int, log) -> lis
     from router.judges import Answer, recalibrate_threshold
     from router.protocol import GenerateRequest
 
-    questions = list(load_mtbench_prompts().values())[:n_requests]
+    prompts = list(load_mtbench_prompts().values())
+    # cycled past the 80 questions: a simulated engine's answers to a repeated question
+    # differ per request id, so more warm-ups estimate the quantile better
+    questions = [prompts[k % len(prompts)] for k in range(n_requests)]
     out = list(stages)
     for i, st in enumerate(stages[:-1]):
         share = stage_shares[i + 1] / stage_shares[i] if stage_shares[i] > 0 else 1.0
@@ -436,6 +439,7 @@ def serve_main(args) -> int:
         if args.plan:
             dep = await plan_deployment(args.plan, args.engine, time_dilation=args.time_dilation, log=log,
                                         judge_config=args.judge_config, on_ray=bool(address),
+                                        warmup_requests=getattr(args, "calibration_requests", 40),
                                         endpoints=endpoints, kv_cache_gib=args.kv_cache_gib)
         else:
             dep = await default_deployment(threshold=args.threshold, kv_cache_gib=args.kv_cache_gib,

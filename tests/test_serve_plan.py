@@ -60,3 +60,27 @@ def test_plan_served_on_sim_engines_with_recalibrated_thresholds(plan_file):
     assert doc["cascade"]["stage"] in (0, 1) and len(doc["choices"][0]["message"]["content"]) > 0
     assert any("escalating" in line for line in logs)
     assert [m["id"] for m in models["data"]] == ["cascadia", *CASCADE]
+
+
+def test_thresholds_are_recalibrated_on_more_warm_ups_than_there_are_questions(plan_file):
+    path, _ = plan_file
+    logs = []
+
+    async def main():
+        dep = await plan_deployment(str(path), "sim", time_dilation=50.0, warmup_requests=200, log=logs.append)
+        await dep.stop()
+        return dep
+
+    dep = asyncio.run(main())
+    line = next(line for line in logs if "warm-up answers" in line)
+    assert "of 200 warm-up answers" in line  # MT-Bench has 80 first turns: cycled
+    assert 0.0 < dep.cascade.stages[0].threshold < 100.0
+
+
+def test_serve_calibration_requests_must_be_positive(plan_file, capsys):
+    from cascadia.cli import main
+
+    path, _ = plan_file
+    assert main(["serve", "--plan", str(path), "--calibration-requests", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--calibration-requests must be >= 1" in err
