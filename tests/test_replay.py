@@ -143,6 +143,20 @@ def test_sim_sized_prompts_are_counted_as_traced_by_simulated_engines(sim_server
     assert [r.prompt_tokens for r in recs] == [r.input_tokens for r in recs]  # the server's count is the trace's
 
 
+def test_a_seed_replays_the_same_request_ids_so_simulated_answers_repeat(sim_server, tmp_path):
+    scores = {}
+    for run, seed in (("a", 3), ("b", 3), ("c", 4)):
+        out = tmp_path / f"{run}.jsonl"
+        assert main(["replay", "--url", sim_server.url, "--trace", "azure-conv", "--limit", "8", "--rate", "40",
+                     "--length-scale", "0.05", "--tokenizer", "sim", "--seed", str(seed), "--no-progress",
+                     "--out", str(out)]) == 0
+        recs = read_records(out)
+        assert [r.request_id for r in recs] == [f"replay-s{seed}-{i}" for i in range(8)]
+        scores[run] = [r.scores for r in recs]
+    # the simulated answers (and so the judge's scores) are drawn per request id
+    assert scores["a"] == scores["b"] and scores["a"] != scores["c"]
+
+
 def test_trace_timestamps_are_time_scaled(sim_server, tmp_path):
     out = tmp_path / "r.jsonl"
     rc = main(["replay", "--url", sim_server.url, "--trace", "azure-conv", "--limit", "8", "--time-scale", "0.2",

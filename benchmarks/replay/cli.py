@@ -35,7 +35,8 @@ def add_replay_parsers(sub) -> None:
                                                    "this mean rate (requests/s)")
     p.add_argument("--burstiness", type=float, default=1.0,
                    help="with --rate: gamma shape (1 = Poisson, < 1 burstier; default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --rate arrivals and of prompt words (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --rate arrivals and of prompt words; request i is "
+                                                       "sent as x-request-id replay-sSEED-i (default 0)")
     p.add_argument("--length-scale", type=float, default=1.0,
                    help="multiply input and output token counts (shrink a GPU trace for a CPU server)")
     p.add_argument("--max-concurrency", type=int, help="at most C requests in flight (default: unbounded)")
@@ -195,7 +196,8 @@ def cmd_replay(args) -> int:
     endpoint = args.endpoint or ("chat" if args.prompts else "completions")
     cfg = ClientConfig(url=args.url, model=model, endpoint=endpoint, max_concurrency=args.max_concurrency,
                        request_timeout_s=args.request_timeout, extra_body=extra,
-                       ignore_eos=not args.no_ignore_eos, logprobs=args.logprobs)
+                       ignore_eos=not args.no_ignore_eos, logprobs=args.logprobs,
+                       request_id_prefix=f"replay-s{args.seed}")
     arrivals = f"Poisson/gamma {args.rate:g} req/s (burstiness {args.burstiness:g})" if args.rate \
         else f"trace timestamps x{args.time_scale:g}"
     print(f"replaying {len(requests)} requests of {trace.name} to {args.url} model {model!r} ({endpoint}); "

@@ -63,6 +63,9 @@ class ClientConfig:
     ignore_eos: bool = True
     logprobs: bool = False  # ask for the sampled tokens' logprobs (recorded as a sum and a count)
     extra_body: dict = field(default_factory=dict)  # merged into every request body
+    # request i is sent with x-request-id PREFIX-i: a server that draws anything per request
+    # id (Cascadia's simulated engines: the synthetic answers) then replays reproducibly
+    request_id_prefix: str = "replay"
 
 
 def request_body(cfg: ClientConfig, req: ReplayRequest) -> dict:
@@ -136,6 +139,7 @@ async def send_one(session: aiohttp.ClientSession, cfg: ClientConfig, req: Repla
     done = usage_seen = False
     try:
         async with session.post(base_url(cfg.url) + ENDPOINTS[cfg.endpoint], json=request_body(cfg, req),
+                                headers={"x-request-id": rec.request_id},
                                 timeout=aiohttp.ClientTimeout(total=cfg.request_timeout_s)) as resp:
             rec.http_status = resp.status
             if resp.status != 200:
@@ -180,8 +184,9 @@ async def replay(requests: Sequence[ReplayRequest], cfg: ClientConfig, *, progre
     """Send every request at its scheduled time; the records in request order."""
     t0 = clock()
     now = lambda: clock() - t0  # noqa: E731
-    records = [ReplayRecord(index=r.index, request_id=f"replay-{r.index}", scheduled_s=r.scheduled_s,
-                            input_tokens=r.input_tokens, max_tokens=r.max_tokens) for r in requests]
+    records = [ReplayRecord(index=r.index, request_id=f"{cfg.request_id_prefix}-{r.index}",
+                            scheduled_s=r.scheduled_s, input_tokens=r.input_tokens, max_tokens=r.max_tokens)
+               for r in requests]
     released: asyncio.Queue = asyncio.Queue()
     slots = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
 
