@@ -72,6 +72,7 @@ class CascadeRequest:
     # the context length): saves a second chat-template call into the engine per request.
     first_stage_prompt: str | None = None
     judge_answer: bool = False
+    prompt_tokens: int | None = None  # of first_stage_prompt, when the caller counted them
 
     @property
     def question(self) -> str:

@@ -31,6 +31,10 @@ class Deployment:
     model_name: str
     stoppers: list[Callable[[], Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    plan: Any = None  # the cascadia.plan.Plan served, when serving one
+    # rolling updates: starts one replica of a plan action's new layout, the deployment's kind
+    start_replica: Callable[[Any], Any] | None = None
+    thresholds_recalibrated: bool = False  # the live judge is not the plan's (thresholds re-derived)
 
     async def stop(self) -> None:
         for stop in reversed(self.stoppers):
@@ -231,10 +235,58 @@ async def plan_deployment(plan_path: str, engine_kind: str, *, time_dilation: fl
     if len(stages) > 1 and plan.judge.name != getattr(judge, "name", ""):
         stages = await recalibrated(stages, judge, plan.stage_shares, warmup_requests, log)
         dep.cascade = judge_config.cascade(stages, judge)
+        dep.thresholds_recalibrated = True
         dep.notes.append(f"thresholds re-calibrated for the {getattr(judge, 'name', 'configured')} judge (the "
                          f"plan's were for {plan.judge.name!r}) to keep the plan's escalation shares: "
                          f"{[round(st.threshold, 2) for st in stages[:-1]]}")
+    dep.plan = plan
+    dep.start_replica = replica_starter(plan, "sim-ray" if engine_kind == "sim" and on_ray else engine_kind, dep,
+                                        time_dilation=time_dilation, kv_cache_gib=kv_cache_gib)
     return dep
+
+
+def replica_starter(plan, kind: str, dep: Deployment, *, time_dilation: float = 1.0, kv_cache_gib: float = 1.0):
+    """`start_replica` for rolling updates (router/rollout.py) of a deployment of `kind`
+    (sim, sim-ray, vllm): one replica of a start/resize action's new layout, of the stage's
+    model, started the way the deployment started its own; registered in `dep` for
+    shutdown. The stage's model is the same in every plan a rolling update accepts."""
+    from cascadia.sim.cluster import StageDeployment
+
+    pools_by_gpu = {p.gpu.name: p for p in plan.cluster.pools}
+    started = [0]
+
+    async def start(action):
+        model = plan.models[action.stage]
+        pool_spec = pools_by_gpu.get(action.gpu) or plan.cluster.pools[0]
+        started[0] += 1
+        if kind == "sim":
+            from router.engines.sim import SimulatedEngine
+
+            stage = StageDeployment(model, pool_spec.gpu, (action.new,), plan.engine, None, pool_spec.gpus_per_node)
+            engine = SimulatedEngine.from_stage(model.name, stage, 0, time_dilation=time_dilation)
+        else:
+            from router.plan_replicas import replica_launch, resolve_model_dir
+
+            model_dir = model.name if kind == "sim-ray" else await asyncio.to_thread(resolve_model_dir, model)
+            launch = replica_launch(action.stage, model.name, 1000 + started[0], action.new, action.gpu or
+                                    pool_spec.gpu.name, plan.engine, model_dir, kv_cache_gib=kv_cache_gib)
+            if kind == "sim-ray":
+                from router.engines.sim_actor import RAY_CHUNK_INTERVAL_S, start_sim_actor
+
+                stage = StageDeployment(model, pool_spec.gpu, (action.new,), plan.engine, None,
+                                        pool_spec.gpus_per_node)
+                engine = await start_sim_actor(model.name, stage, 0, time_dilation=time_dilation,
+                                               placement=launch.placement, device_resource=launch.device,
+                                               chunk_interval_s=RAY_CHUNK_INTERVAL_S)
+            else:
+                from router.engines.vllm_ray import start_vllm_engine
+
+                engine = await start_vllm_engine(model.name, launch.settings, num_cpus=launch.actor_cpus,
+                                                 device=launch.device, placement=launch.placement)
+        dep.stoppers.append(engine.shutdown)
+        return engine
+
+    return start
 
 
 def _stage_deployments(plan) -> list:
@@ -366,12 +418,13 @@ async def recalibrated(stages, judge, stage_shares, n_requests: int, log) -> lis
 
 async def serve(dep: Deployment, host: str, port: int, *, log=print, ready: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None, access=None, max_body_bytes: int = 1 << 20,
-                drain_timeout_s: float = 30.0) -> None:
+                drain_timeout_s: float = 30.0, controller=None) -> None:
     """Serve until `stop` is set (or SIGINT/SIGTERM), then shut down gracefully: stop
     accepting connections, let the requests in flight finish for up to
     ``drain_timeout_s`` (the rest are cancelled, which aborts their engine work), then stop
     the engines and Ray. ``access``: a router.auth.AccessPolicy (API keys, max_tokens
-    limit); default open."""
+    limit); default open. ``controller``: a router.replanner.ReplanController: its monitor
+    sees every cascade request and it runs beside the server until shutdown."""
     from aiohttp import web
 
     from router.auth import AccessPolicy
@@ -379,8 +432,12 @@ async def serve(dep: Deployment, host: str, port: int, *, log=print, ready: asyn
     from router.server import begin_drain, make_app, requests_active, requests_cut
 
     access = access or AccessPolicy()
-    app = make_app(dep.cascade, model_name=dep.model_name, member_engines=dep.members, metrics=RouterMetrics(),
-                   threshold_note="; ".join(dep.notes), access=access, max_body_bytes=max_body_bytes)
+    metrics = RouterMetrics()
+    if controller is not None:
+        controller.attach_metrics(metrics.registry)
+    app = make_app(dep.cascade, model_name=dep.model_name, member_engines=dep.members, metrics=metrics,
+                   threshold_note="; ".join(dep.notes), access=access, max_body_bytes=max_body_bytes,
+                   monitor=controller.monitor if controller is not None else None)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=drain_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -398,11 +455,15 @@ async def serve(dep: Deployment, host: str, port: int, *, log=print, ready: asyn
         log(f"  {note}")
     log(f"  try: curl http://{bound[0]}:{bound[1]}/v1/chat/completions -H 'content-type: application/json' "
         f"-d '{{\"model\": \"{dep.model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")
+    replanning = asyncio.create_task(controller.run(stop)) if controller is not None else None
     if ready is not None:
         ready.set()
     try:
         await stop.wait()
     finally:
+        if replanning is not None:  # no rollout starts once shutdown begins
+            replanning.cancel()
+            await asyncio.gather(replanning, return_exceptions=True)
         in_flight = begin_drain(app)
         log(f"shutting down: no new requests; draining {in_flight} in flight (deadline {drain_timeout_s:g} s)")
         t0 = loop.time()

@@ -51,6 +51,7 @@ _METRICS = web.AppKey("metrics", RouterMetrics)
 _CREATED = web.AppKey("created", int)
 _NOTE = web.AppKey("threshold_note", str)
 _ACCESS = web.AppKey("access", AccessPolicy)
+_MONITOR = web.AppKey("monitor", object)  # a router.monitor.WorkloadMonitor, or None
 _STATE = web.AppKey("state", dict)  # draining: set once shutdown begins; cut: requests cancelled while draining
 # typed request storage (aiohttp >= 3.12); plain string keys before that
 _RID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
@@ -63,11 +64,12 @@ class ClientGone(Exception):
 
 def make_app(cascade: Cascade, *, model_name: str, member_engines: Mapping[str, object], metrics: RouterMetrics,
              max_body_bytes: int = 1 << 20, threshold_note: str = "",
-             access: AccessPolicy = AccessPolicy()) -> web.Application:
+             access: AccessPolicy = AccessPolicy(), monitor=None) -> web.Application:
     """``member_engines``: model name -> Engine, each addressable directly. ``threshold_note``
     says where the thresholds come from (e.g. re-calibrated for a different judge) and is
     shown in ``/v1/models``. ``access``: API keys and the per-request max_tokens limit
-    (router/auth.py)."""
+    (router/auth.py). ``monitor``: a router.monitor.WorkloadMonitor told of every request to
+    the cascade (not of direct member calls), for online re-planning."""
     if model_name in member_engines:
         raise ValueError(f"the cascade's name {model_name!r} is also a member's name")
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_request_id_and_errors])
@@ -79,6 +81,7 @@ def make_app(cascade: Cascade, *, model_name: str, member_engines: Mapping[str, 
     app[_CREATED] = int(time.time())
     app[_NOTE] = threshold_note
     app[_ACCESS] = access
+    app[_MONITOR] = monitor
     app[_STATE] = {"draining": False, "cut": 0, "active": 0}
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/completions", _completions)
@@ -180,7 +183,7 @@ async def _cascade_request(request: web.Request, params: CompletionParams, targe
     return CascadeRequest(request_id=request[_RID], max_tokens=max_tokens, messages=params.messages,
                           prompt=params.prompt, temperature=params.temperature, top_p=params.top_p, stop=params.stop,
                           seed=params.seed, ignore_eos=params.ignore_eos, escalate=escalate,
-                          first_stage_prompt=text, judge_answer=params.judge_answer)
+                          first_stage_prompt=text, judge_answer=params.judge_answer, prompt_tokens=prompt_tokens)
 
 
 def _cascade_field(stage_index: int, stage_name: str, scores: tuple[float, ...],
@@ -225,6 +228,9 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
     target = _target(request.app, params.model)
     creq = await _cascade_request(request, params, target)
     metrics = request.app[_METRICS]
+    monitor = request.app[_MONITOR] if target is request.app[_CASCADE] else None
+    if monitor is not None:
+        monitor.arrived(creq.request_id, creq.prompt_tokens or 0, creq.max_tokens)
     response_id = ("chatcmpl-" if chat else "cmpl-") + creq.request_id
     try:
         if params.stream:
@@ -249,6 +255,8 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
         _record_abort(request, params.model, creq.request_id, "cancelled")
         raise
     except EngineError as e:
+        if monitor is not None:
+            monitor.failed(creq.request_id)
         shed = isinstance(e, PoolFull)  # the stage's queue is full: 429, the client may retry
         metrics.record_failure(params.model, "overloaded" if shed else "engine_error")
         (log.info if shed else log.warning)("request %s: %s: %s", creq.request_id,
@@ -264,6 +272,8 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
         raise _recorded(RequestError(f"engine failed: {e}", type="server_error", code="engine_error",
                                      status=503)) from None
     metrics.record_result(params.model, result)
+    if monitor is not None:
+        monitor.finished(creq.request_id, result)
     log.info("request %s: model=%s stage=%s scores=%s e2e=%.3fs", creq.request_id, params.model, result.stage_name,
              list(result.scores), result.timings.e2e_s)
     return response
