@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 
@@ -284,6 +285,27 @@ def test_simulated_lone_request_matches_the_iteration_model():
     assert 5 < len(chunks) < 200  # coalesced, yet streamed
     assert all(len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs) for c in chunks)
     assert "".join(c.text for c in chunks).split()[0]
+
+
+def test_simulated_answers_confidence_is_per_request_and_independent_of_chunking():
+    """The logprob judge's score of a simulated answer depends on its request id only: not
+    on how the tokens were chunked (load, chunk interval), and not shrinking toward one
+    value for long answers (each answer draws its own mean logprob)."""
+    async def answer(chunk_interval_s: float, rid: str, n: int):
+        eng = SimulatedEngine.from_stage("llama", STAGE, time_dilation=200.0, chunk_interval_s=chunk_interval_s)
+        chunks = [c async for c in eng.generate(GenerateRequest(rid, "x" * 40, max_tokens=n, logprobs=True))]
+        await eng.shutdown()
+        return len(chunks), [lp for c in chunks for lp in c.logprobs]
+
+    async def go():
+        fine, coarse = await answer(0.01, "q1", 300), await answer(10.0, "q1", 300)
+        long_scores = [math.exp(sum(lps) / len(lps)) for _, lps in
+                       [await answer(1.0, f"long{k}", 400) for k in range(24)]]
+        return fine, coarse, long_scores
+
+    (n_fine, fine), (n_coarse, coarse), long_scores = run(go())
+    assert n_fine > n_coarse and fine == coarse
+    assert max(long_scores) - min(long_scores) > 0.2  # 400-token answers still spread widely
 
 
 def test_simulated_abort_frees_the_engine():

@@ -64,7 +64,8 @@ class _Live:
     queue: asyncio.Queue
     sent: int = 0
     last_sent_sim_s: float = -math.inf
-    rng: random.Random | None = None
+    rng: random.Random | None = None  # token ids
+    lp_rng: random.Random | None = None  # logprobs: apart, so chunk boundaries never change them
     mean_logprob: float = -0.25  # this answer's confidence (see the module docstring)
 
 
@@ -155,8 +156,10 @@ class SimulatedEngine:
         self._next_rid += 1
         if not ve.sim.fits(seq):
             raise EngineError(f"{self.name}: request {req.request_id} needs more KV cache than the replica has")
-        rng = random.Random(zlib.crc32(req.request_id.encode()) ^ (req.seed or self.seed))
-        live = _Live(req, seq, ve, asyncio.Queue(), rng=rng, mean_logprob=-max(rng.expovariate(4.0), 1e-3))
+        key = zlib.crc32(req.request_id.encode()) ^ (req.seed or self.seed)
+        rng, lp_rng = random.Random(key), random.Random(key + 1)
+        live = _Live(req, seq, ve, asyncio.Queue(), rng=rng, lp_rng=lp_rng,
+                     mean_logprob=-max(lp_rng.expovariate(4.0), 1e-3))
         self._live[req.request_id] = live
         self._by_seq[seq.rid] = live
         ve.sim.add(seq, now)
@@ -302,7 +305,8 @@ class SimulatedEngine:
         words = [_WORDS[t % len(_WORDS)] for t in ids]
         text = "".join((" " if live.sent + i else "") + w for i, w in enumerate(words))
         # gamma(4, 1/4) has mean 1: token logprobs average the answer's mean_logprob
-        lps = tuple(live.mean_logprob * rng.gammavariate(4.0, 0.25) for _ in range(new)) if live.req.logprobs else ()
+        lps = tuple(live.mean_logprob * live.lp_rng.gammavariate(4.0, 0.25) for _ in range(new)) \
+            if live.req.logprobs else ()
         first = live.sent == 0
         live.sent = generated
         live.last_sent_sim_s = now
