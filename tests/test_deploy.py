@@ -146,3 +146,21 @@ def test_dockerfile_copies_what_exists_and_installs_the_serving_extra():
         assert (ROOT / src).exists(), src
     extras = __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert "serve" in extras and '".[serve]"' in text
+
+
+def test_docs_dry_run_commands_are_the_ones_the_benchmark_runs():
+    """docs/deploy.md's loopback dry run shows exactly the commands benchmarks/cluster_dry_run.py
+    runs with its defaults (ADDRESS standing for the cluster it starts), and each parses."""
+    from benchmarks.cluster_dry_run import DryRun, commands
+
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    section = text.split("## 1b.", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    shown = [shlex.split(line) for line in blocks[1].replace("\\\n", " ").splitlines() if line.strip()]
+    expected = commands(DryRun(), Path("benchmarks/results/cluster_dry_run"), "ADDRESS")
+    assert [argv[1:] for argv in shown] == list(expected.values())
+    for argv in shown:
+        assert argv[0] == "cascadia"
+        _parse(argv[1:])
+    assert blocks[0].split() == ["python", "benchmarks/cluster_dry_run.py", "--out-dir",
+                                 "benchmarks/results/cluster_dry_run"]
