@@ -249,8 +249,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(f"--stage-endpoint: {e}") from None
     args.engine = engine
-
+    if not args.replan and (args.replan_quality or args.replan_synthetic_quality):
+        raise UsageError("--replan-quality / --replan-synthetic-quality are for --replan")
+    args.replan_setup = _replan_setup(args, plan if args.plan else None) if args.replan else None
     return serve_main(args)
+
+
+def _replan_setup(args: argparse.Namespace, plan):
+    """The --replan* flags checked and turned into `router.replanner.controller_for`'s
+    arguments, before anything starts."""
+    import math
+
+    from planner.cli_plan import _quality
+    from router.monitor import DriftThresholds
+    from router.replanner import ReplanPolicy
+
+    if not args.plan:
+        raise UsageError("--replan needs --plan (re-planning starts from the plan being served)")
+    if not (args.replan_quality or args.replan_synthetic_quality):
+        raise UsageError("--replan needs the plan's quality profile: --replan-quality PROFILE or "
+                         "--replan-synthetic-quality M1,M2")
+    for flag, value in (("--replan-window", args.replan_window), ("--replan-rate-change", args.replan_rate_change),
+                        ("--replan-length-change", args.replan_length_change),
+                        ("--replan-share-change", args.replan_share_change),
+                        ("--replan-score-change", args.replan_score_change)):
+        if not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"{flag} must be > 0, got {value:g}")
+    for flag, value in (("--replan-hold", args.replan_hold), ("--replan-cooldown", args.replan_cooldown),
+                        ("--replan-horizon", args.replan_horizon)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise UsageError(f"{flag} must be >= 0 seconds, got {value:g}")
+    if not 0 <= args.replan_margin < 1:
+        raise UsageError(f"--replan-margin must be in [0, 1), got {args.replan_margin:g}")
+    if args.replan_slo_p95 is not None and not args.replan_slo_p95 > 0:
+        raise UsageError(f"--replan-slo-p95 must be > 0 seconds, got {args.replan_slo_p95:g}")
+    thresholds = DriftThresholds(rate=args.replan_rate_change, input_length=args.replan_length_change,
+                                 output_length=args.replan_length_change, stage_share=args.replan_share_change,
+                                 judge_score=args.replan_score_change)
+    policy = ReplanPolicy(hold_s=args.replan_hold, cooldown_s=args.replan_cooldown, horizon_s=args.replan_horizon,
+                          thresholds=thresholds, drain_timeout_s=max(args.drain_timeout, 1.0))
+    quality_args = argparse.Namespace(quality=args.replan_quality, synthetic_quality=args.replan_synthetic_quality,
+                                      quality_format=args.replan_quality_format, quality_map=args.replan_quality_map,
+                                      seed=args.replan_seed)
+    try:
+        profile, source = _quality(quality_args, [m.name for m in plan.models])
+    except UsageError as e:
+        raise UsageError(f"--replan-quality: {e}") from None
+    return dict(profile=profile, source=source, policy=policy, window_s=args.replan_window, margin=args.replan_margin,
+                slo_p95_s=args.replan_slo_p95, cache_dir=args.replan_cache_dir)  # cache None: the planner's default
 
 
 def _judge_config(args: argparse.Namespace):
@@ -395,6 +441,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body accepted, larger gets 413 (default 1048576)")
     p.add_argument("--max-tokens-limit", type=int, metavar="N",
                    help="largest max_tokens a request may ask for (larger gets 400; requests without one get N)")
+    r = p.add_argument_group(
+        "online re-planning (with --plan)",
+        "Watch live traffic over a sliding window; when it moves away from what the plan was made for (rate, "
+        "prompt or answer length, stage shares, judge scores) and stays away for --replan-hold seconds, re-plan "
+        "in a worker process and roll the new plan out with no request lost. Times are plan seconds (wall "
+        "seconds x --time-dilation). Needs the quality profile the plan was made from.")
+    r.add_argument("--replan", action="store_true", help="turn online re-planning on")
+    q = r.add_mutually_exclusive_group()
+    q.add_argument("--replan-quality", metavar="PROFILE", help="the plan's quality profile, as for `cascadia plan "
+                   "--quality` (file or built-in name)")
+    q.add_argument("--replan-synthetic-quality", metavar="M1,M2[,M3]", help="the plan's synthetic profile, as for "
+                   "`cascadia plan --synthetic-quality` (with --replan-seed)")
+    r.add_argument("--replan-quality-format", choices=["long", "mtbench", "wide"], help="profile format (sniffed)")
+    r.add_argument("--replan-quality-map", metavar="STAGE_MODEL=PROFILE_MODEL,...", help="as `plan --quality-map`")
+    r.add_argument("--replan-seed", type=int, default=0, help="seed of --replan-synthetic-quality (default 0)")
+    r.add_argument("--replan-window", type=float, default=60.0, metavar="S",
+                   help="sliding window the workload is measured over (default 60)")
+    r.add_argument("--replan-hold", type=float, default=60.0, metavar="S",
+                   help="a shift must last this long before the planner runs (default 60; keep it >= the window, "
+                        "or a short burst, which stays in the window for a window's length, counts)")
+    r.add_argument("--replan-cooldown", type=float, default=300.0, metavar="S",
+                   help="at least this long between two planner runs (default 300)")
+    r.add_argument("--replan-horizon", type=float, default=120.0, metavar="S",
+                   help="the window's requests are repeated to cover this long for the planner, which then sees "
+                        "how far behind a plan falls if the shift goes on (default 120)")
+    r.add_argument("--replan-margin", type=float, default=0.15,
+                   help="a new plan must be predicted this much faster (relative p95) to replace the running one "
+                        "(default 0.15)")
+    r.add_argument("--replan-slo-p95", type=float, metavar="S",
+                   help="the running plan predicted to miss this end-to-end p95 is replaced by any faster plan")
+    r.add_argument("--replan-rate-change", type=float, default=0.5,
+                   help="relative arrival-rate change that counts as a shift (default 0.5: x1.5 or /1.5)")
+    r.add_argument("--replan-length-change", type=float, default=0.5,
+                   help="relative change of mean prompt or answer length that counts (default 0.5)")
+    r.add_argument("--replan-share-change", type=float, default=0.2,
+                   help="change of the share of requests reaching a later stage that counts (default 0.2)")
+    r.add_argument("--replan-score-change", type=float, default=10.0,
+                   help="change of a stage's mean judge score (points, 0-100) that counts (default 10)")
+    r.add_argument("--replan-cache-dir", help="latency tables kept across planner runs (default $CASCADIA_CACHE/"
+                                              "tables or ~/.cache/cascadia)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("trace", help="summarise a workload trace")

@@ -6,11 +6,11 @@ The loop (`ReplanController.run`), every ``check_every_s`` plan seconds:
 2. compare it with the running plan's baseline; a signal beyond its threshold starts a
    *shift*; the shift must last ``hold_s`` without a break (hysteresis: a burst shorter
    than that changes nothing) and the window must be full;
-3. then the planner (`planner.bilevel.replan`) runs in a worker process on the window's
-   requests (repeated to cover ``horizon_s``) as its workload -- the event loop keeps
-   serving while it works; `replan`
-   itself only moves when the new plan is predicted faster by more than ``margin`` or the
-   running plan misses ``slo_p95_s`` (a second hysteresis, on the outcome);
+3. then the planner (`planner.bilevel.replan`) runs in a worker process (`ProcessPlanner`)
+   on the window's requests, repeated to cover ``horizon_s``, as its workload -- the event
+   loop keeps serving while it works; `replan` itself only moves when the new plan is
+   predicted faster by more than its ``margin`` or the running plan misses its
+   ``slo_p95_s`` (a second hysteresis, on the outcome);
 4. a new plan is rolled out with `router.rollout.apply_diff` (new replicas healthy before
    they take traffic, old ones drained), and its workload becomes the baseline; a kept
    plan makes the window the baseline instead, so the same shift is not evaluated again
@@ -51,8 +51,6 @@ class ReplanPolicy:
     cooldown_s: float = 300.0  # at least this long between two evaluations
     check_every_s: float = 5.0
     min_requests: int = 50  # arrivals the window needs before anything is decided
-    margin: float = 0.15  # replan's: predicted gain needed to move
-    slo_p95_s: float | None = None  # replan's: the running plan missing this always counts
     drain_timeout_s: float = 60.0  # per retired replica, during the rollout
     # the window's requests are repeated to cover this long for the planner (see
     # WorkloadMonitor.recent_trace: a short window hides how far behind a plan falls)
@@ -60,7 +58,7 @@ class ReplanPolicy:
     thresholds: DriftThresholds = field(default_factory=DriftThresholds)
 
     def __post_init__(self) -> None:
-        for name in ("hold_s", "cooldown_s", "check_every_s", "margin", "drain_timeout_s", "horizon_s"):
+        for name in ("hold_s", "cooldown_s", "check_every_s", "drain_timeout_s", "horizon_s"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)) or (name == "check_every_s" and value == 0):
                 raise ValueError(f"replan {name} must be a non-negative number (check_every_s > 0), got {value}")
@@ -268,6 +266,10 @@ class ReplanController:
                 self.log(f"replan: check failed: {type(e).__name__}: {e}")
 
 
+def _load_planner() -> None:
+    import planner.bilevel  # noqa: F401
+
+
 def _replan_job(plan, trace, profile, source, options, margin, slo_p95_s):
     """Runs in the worker process."""
     from planner.bilevel import replan
@@ -291,6 +293,8 @@ class ProcessPlanner:
         self.profile, self.source, self.margin, self.slo_p95_s = profile, source, margin, slo_p95_s
         self.cache_dir, self.processes, self.solver = cache_dir, processes, solver
         self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        # start the worker and load the planner now: a shift should not wait for imports
+        self._pool.submit(_load_planner)
 
     def options_for(self, plan):
         """The running plan's own settings, within its models (no sub-cascades: a rolling
@@ -309,3 +313,16 @@ class ProcessPlanner:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def controller_for(dep, profile, source, *, policy: ReplanPolicy, window_s: float, margin: float = 0.15,
+                   slo_p95_s: float | None = None, cache_dir: str | None = None, time_dilation: float = 1.0,
+                   log: Callable[[str], None] = print) -> ReplanController:
+    """The controller for a `router.serve.Deployment` of a plan: a monitor on the plan's
+    clock, the planner in a worker process, replicas started the deployment's own way."""
+    if dep.plan is None or dep.start_replica is None:
+        raise ValueError("online re-planning needs a deployment of a plan (serve --plan)")
+    monitor = WorkloadMonitor(len(dep.cascade.stages), window_s=window_s, time_scale=time_dilation)
+    planner = ProcessPlanner(profile, source, margin=margin, slo_p95_s=slo_p95_s, cache_dir=cache_dir)
+    return ReplanController(dep.cascade, dep.plan, monitor, planner, dep.start_replica, policy=policy,
+                            recalibrate=dep.thresholds_recalibrated, log=log)

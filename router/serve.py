@@ -506,11 +506,23 @@ def serve_main(args) -> int:
             dep = await default_deployment(threshold=args.threshold, kv_cache_gib=args.kv_cache_gib,
                                            judge_config=args.judge_config,
                                            endpoints=endpoints, log=log)
+        controller = None
+        if getattr(args, "replan_setup", None):
+            from router.replanner import controller_for
+
+            controller = controller_for(dep, **args.replan_setup, time_dilation=args.time_dilation, log=log)
+            p = controller.policy
+            log(f"online re-planning on: window {controller.monitor.window_s:g} s, hold {p.hold_s:g} s, cool-down "
+                f"{p.cooldown_s:g} s (plan seconds)")
         if args.access.api_keys:
             log(f"API keys required ({len(args.access.api_keys)} configured); /health open, /metrics "
                 + ("protected" if args.access.protect_metrics else "open"))
-        await serve(dep, args.host, args.port, log=log, access=args.access, max_body_bytes=args.max_body_bytes,
-                    drain_timeout_s=args.drain_timeout)
+        try:
+            await serve(dep, args.host, args.port, log=log, access=args.access, max_body_bytes=args.max_body_bytes,
+                        drain_timeout_s=args.drain_timeout, controller=controller)
+        finally:
+            if controller is not None:
+                controller.planner.close()
 
     from router.plan_replicas import PlanCapacityError
     from router.protocol import EngineError

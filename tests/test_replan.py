@@ -16,6 +16,7 @@ from router.cascade import Cascade, CascadeResult, Stage, StageVisit, Timings, U
 from router.judges import LogprobJudge
 from router.monitor import Baseline, DriftThresholds, WorkloadMonitor, drift_values, shifts
 from router.replanner import FAILED, KEPT, REPLANNED, ReplanController, ReplanPolicy
+from test_serve_plan import plan_file  # noqa: F401  (a planner-made 2-stage plan)
 
 
 class Clock:
@@ -214,3 +215,26 @@ def test_policy_rejects_nonsense():
     with pytest.raises(ValueError, match="min_requests"):
         ReplanPolicy(min_requests=0)
     assert math.isfinite(ReplanPolicy().horizon_s)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--replan"], "--replan needs --plan"),
+    (["--replan-quality", "mtbench"], "are for --replan"),
+    (["PLAN", "--replan"], "needs the plan's quality profile"),
+    (["PLAN", "--replan", "--replan-quality", "no-such-profile.csv"], "--replan-quality:"),
+    (["PLAN", "--replan", "--replan-quality", "mtbench", "--replan-window", "0"], "--replan-window must be > 0"),
+    (["PLAN", "--replan", "--replan-quality", "mtbench", "--replan-hold", "-5"], "--replan-hold must be >= 0"),
+    (["PLAN", "--replan", "--replan-quality", "mtbench", "--replan-margin", "1.5"], "--replan-margin must be in"),
+    (["PLAN", "--replan", "--replan-synthetic-quality", "70"], "gives 1 means for 2 stages"),
+])
+def test_replan_flag_errors_are_one_line_and_exit_2(argv, needle, plan_file):  # noqa: F811
+    import subprocess
+    import sys
+
+    path, _ = plan_file
+    argv = ["--plan", str(path)] + argv[1:] if argv[0] == "PLAN" else argv
+    proc = subprocess.run([sys.executable, "-m", "cascadia", "serve", *argv], capture_output=True, text=True,
+                          timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
