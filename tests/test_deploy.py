@@ -99,6 +99,26 @@ def test_service_selects_the_head_and_is_scraped():
     assert probe["path"] == "/health/ready" and probe["port"] == 8000
 
 
+def _replan_once(registry) -> None:
+    """The online re-planning controller on `registry`, through one evaluation (a rate
+    shift held past its hold time; the planner keeps the plan)."""
+    from router.cascade import Cascade, Stage
+    from router.judges import LogprobJudge
+    from router.monitor import WorkloadMonitor
+    from router.replanner import ReplanController, ReplanPolicy
+    from test_replan import Clock, FakePlanner, decision, plan_like, run_for
+
+    clock = Clock()
+    monitor = WorkloadMonitor(2, window_s=10.0, clock=clock)
+    cascade = Cascade([Stage("small", object(), 60.0), Stage("large", object(), None)], LogprobJudge())
+    c = ReplanController(cascade, plan_like(4.0), monitor, FakePlanner([decision(False)]), None,
+                         policy=ReplanPolicy(hold_s=10.0, cooldown_s=30.0, check_every_s=1.0, min_requests=10),
+                         registry=registry, log=lambda _: None)
+    k = run_for(c, monitor, clock, rate_rps=4.0, seconds=12, start_id=0, stage_of=lambda k: int(k % 10 < 3))
+    run_for(c, monitor, clock, rate_rps=12.0, seconds=25, start_id=k, stage_of=lambda k: int(k % 10 < 3))
+    assert len(c.events) == 1
+
+
 def _exported_metric_names() -> set[str]:
     """Sample names a running server exports, after one answered request and a scrape."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -122,6 +142,7 @@ def _exported_metric_names() -> set[str]:
     pool = ReplicaPool([FakeEngine("small")], max_queue=4)
     pool.heal_times_s.append(3.0)
     m.set_stage_state("small", in_flight=1, healthy=True, pool=pool)
+    _replan_once(m.registry)
     names = set()
     for fam in text_string_to_metric_families(m.exposition().decode()):
         names |= {s.name for s in fam.samples}
@@ -136,7 +157,8 @@ def test_grafana_dashboard_queries_name_exported_metrics():
     used = {name for e in exprs for name in re.findall(r"\b((?:cascadia|process)_[a-z_]+)\b", e)}
     assert used and not (used - exported), f"not exported: {sorted(used - exported)}"
     titles = " ".join(p["title"] for p in dash["panels"]).lower()
-    for topic in ("stage shares", "escalations", "ttft", "end-to-end", "queue depth", "replica health"):
+    for topic in ("stage shares", "escalations", "ttft", "end-to-end", "queue depth", "replica health",
+                  "re-planning"):
         assert topic in titles
 
 

@@ -238,3 +238,68 @@ def test_replan_flag_errors_are_one_line_and_exit_2(argv, needle, plan_file):  #
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_serve_with_replan_exports_the_workload_and_stops_cleanly(plan_file):  # noqa: F811
+    """`cascadia serve --replan` end to end: the controller runs beside the server, its
+    metrics are on /metrics, and SIGTERM leaves no process behind (the planner's worker
+    included)."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import aiohttp
+
+    from test_shutdown import _children
+
+    path, _ = plan_file
+    proc = subprocess.Popen([sys.executable, "-m", "cascadia", "serve", "--plan", str(path), "--engine", "sim",
+                             "--port", "0", "--time-dilation", "20", "--replan", "--replan-quality", "mtbench",
+                             "--replan-window", "20", "--replan-hold", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline, port = time.time() + 120, None
+        while port is None and time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
+            port = int(m.group(1)) if m else None
+        assert port, "".join(lines)
+        assert any("online re-planning on: window 20 s, hold 20 s" in line for line in lines), "".join(lines)
+
+        async def client():
+            url = f"http://127.0.0.1:{port}"
+            async with aiohttp.ClientSession() as session:
+                for k in range(30):  # 30 requests over ~1.5 wall s = 30 plan s
+                    body = {"model": "cascadia", "prompt": "w" * 400, "max_tokens": 16}
+                    async with session.post(url + "/v1/completions", json=body) as r:
+                        assert r.status == 200
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)  # a check (every 5 plan s = 0.25 wall s) runs
+                async with session.get(url + "/metrics") as r:
+                    return await r.text()
+
+        text = asyncio.run(client())
+        rate = float(re.search(r"^cascadia_workload_arrival_rate_rps (\S+)$", text, flags=re.M).group(1))
+        assert rate > 0, text
+        assert re.search(r'^cascadia_workload_stage_share\{stage="llama-3-8b"\} 1\.0$', text, flags=re.M)
+        assert "cascadia_replan_planner_seconds" in text
+        children = _children(proc.pid)
+        assert children, "the planner's worker process is not running"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        for _ in range(50):  # the worker exits once its parent's pipe closes
+            if not any(os.path.exists(f"/proc/{pid}") for pid in children):
+                break
+            time.sleep(0.1)
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in children), children
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
