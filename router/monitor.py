@@ -253,7 +253,7 @@ class WorkloadMonitor:
                      np.tile(inputs, copies), np.tile(outputs, copies), notes=tuple(notes))
 
 
-def describe_drift(signals: dict[str, float], names: Sequence[str] = ()) -> str:
+def describe_drift(signals: dict[str, float]) -> str:
     """One line: 'rate +1.9x, judge_score_0 12.0 points' for the log."""
     parts = []
     for k, v in signals.items():

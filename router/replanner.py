@@ -151,8 +151,9 @@ class ReplanController:
         for signal, value in values.items():
             m.drift.labels(signal).set(value if math.isfinite(value) else -1.0)
 
-    async def step(self) -> ReplanEvent | None:
-        """One check (see the module docstring); the evaluation's event when one ran."""
+    def observe(self):
+        """Sample the window and export it (and its drift) as metrics: (sample, drift values,
+        whether the window is full enough to decide on)."""
         sample = self.monitor.sample()
         full = sample.window_s >= self.monitor.window_s and sample.arrivals >= self.policy.min_requests
         if full and self.baseline.score_means is None and sample.finished >= self.policy.min_requests:
@@ -160,6 +161,11 @@ class ReplanController:
             self.baseline = dataclasses.replace(self.baseline, score_means=sample.score_means)
         values = drift_values(sample, self.baseline)
         self._export(sample, values)
+        return sample, values, full
+
+    async def step(self) -> ReplanEvent | None:
+        """One check (see the module docstring); the evaluation's event when one ran."""
+        sample, values, full = self.observe()
         shifted = shifts(values, self.policy.thresholds) if full else {}
         if not shifted:
             if self._shift_since is not None:
@@ -251,19 +257,37 @@ class ReplanController:
         return PlanDiff(tuple(out), d.kept)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Check every ``check_every_s`` plan seconds until ``stop`` is set."""
+        """Check every ``check_every_s`` plan seconds until ``stop`` is set (or the task is
+        cancelled, which cancels a rollout in progress: replicas it started are the
+        deployment's to stop). While a planner run or rollout is under way the window is
+        still sampled, so the workload metrics stay current."""
         wall_period_s = self.policy.check_every_s / self.monitor.time_scale
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), wall_period_s)
-            except asyncio.TimeoutError:
-                pass
-            if stop.is_set():
-                break
-            try:
-                await self.step()
-            except Exception as e:  # never let a bug in the controller stop serving
-                self.log(f"replan: check failed: {type(e).__name__}: {e}")
+        check: asyncio.Task | None = None
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), wall_period_s)
+                except asyncio.TimeoutError:
+                    pass
+                if stop.is_set():
+                    break
+                if check is not None and not check.done():
+                    try:
+                        self.observe()
+                    except Exception as e:  # metrics only: never stop serving for them
+                        self.log(f"replan: sampling failed: {type(e).__name__}: {e}")
+                    continue
+                check = asyncio.create_task(self._checked())
+        finally:
+            if check is not None and not check.done():
+                check.cancel()
+                await asyncio.gather(check, return_exceptions=True)
+
+    async def _checked(self) -> None:
+        try:
+            await self.step()
+        except Exception as e:  # never let a bug in the controller stop serving
+            self.log(f"replan: check failed: {type(e).__name__}: {e}")
 
 
 def _load_planner() -> None:
