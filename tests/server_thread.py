@@ -56,3 +56,21 @@ def record_figure(test: str, **figures) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"test": test, **figures}) + "\n")
+
+
+def served_port(proc, lines: list[str], timeout_s: float = 120.0) -> int | None:
+    """The port a `cascadia serve --port 0` subprocess (stdout piped, text) says it serves
+    on, reading its output into ``lines`` until then; None if it exits or times out first."""
+    import re
+    import time
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            return None
+        lines.append(line)
+        m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
+        if m:
+            return int(m.group(1))
+    return None

@@ -253,6 +253,7 @@ def test_serve_with_replan_exports_the_workload_and_stops_cleanly(plan_file):  #
 
     import aiohttp
 
+    from server_thread import served_port
     from test_shutdown import _children
 
     path, _ = plan_file
@@ -262,14 +263,7 @@ def test_serve_with_replan_exports_the_workload_and_stops_cleanly(plan_file):  #
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
-        deadline, port = time.time() + 120, None
-        while port is None and time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
-            port = int(m.group(1)) if m else None
+        port = served_port(proc, lines)
         assert port, "".join(lines)
         assert any("online re-planning on: window 20 s, hold 20 s" in line for line in lines), "".join(lines)
 

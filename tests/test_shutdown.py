@@ -18,7 +18,7 @@ import pytest
 from router.cascade import Cascade, Stage
 from router.judges import LogprobJudge
 from router.serve import Deployment, serve
-from server_thread import record_figure
+from server_thread import record_figure, served_port
 from test_router_front import THRESHOLD, FakeEngine
 from test_serve_plan import plan_file  # noqa: F401  (a planner-made plan for the subprocess test)
 
@@ -126,15 +126,7 @@ def test_sigterm_drains_and_exits_cleanly(plan_file):  # noqa: F811
                             stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
-        deadline = time.time() + 120
-        port = None
-        while port is None and time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
-            port = int(m.group(1)) if m else None
+        port = served_port(proc, lines)
         assert port, "".join(lines)
 
         async def client():
