@@ -276,8 +276,9 @@ def report_main(args) -> int:
     print(format_table(results))
     if plan is not None and plan.prediction.e2e_p95_s and math.isfinite(plan.prediction.e2e_p95_s):
         predicted = plan.prediction.e2e_p95_s
+        w = plan.workload
         print(f"plan prediction: E2E p95 {_ms(predicted)} ms ({args.reference}: full-cascade simulation on the "
-              f"trace it was planned for: {plan.workload.n_requests} requests at {plan.workload.mean_rate_rps:.2f} req/s)")
+              f"trace it was planned for: {w.n_requests} requests at {w.mean_rate_rps:.2f} req/s)")
         print("\n".join(versus_prediction(results, predicted)))
         for r in results:
             r["plan_e2e_p95_s"] = predicted

@@ -94,7 +94,8 @@ async def start_sim_actor(name: str, stage: Any, layout_index: int, *, time_dila
         except asyncio.TimeoutError:
             ray.util.remove_placement_group(pg)
             raise EngineError(f"simulated replica {name}/r{layout_index}: Ray placed no group of "
-                              f"{list(placement.bundles)} ({placement.strategy}) within {ready_timeout_s:g} s") from None
+                              f"{list(placement.bundles)} ({placement.strategy}) within {ready_timeout_s:g} s"
+                              ) from None
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=pg, placement_group_bundle_index=placement.actor_bundle_index)
     elif device_resource == "GPU":
