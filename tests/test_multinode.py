@@ -207,6 +207,63 @@ def test_sim_plan_on_the_cluster_lands_as_vllm_replicas_would_and_serves(cluster
     assert released
 
 
+async def _generate_text(engine, req) -> str:
+    return "".join([chunk.text async for chunk in engine.generate(req)])
+
+
+@pytest.mark.timeout(240)
+def test_a_rolling_update_on_the_cluster_places_its_new_replica_like_the_plan_s(cluster, plan_files):
+    """What online re-planning does on a cluster: a diff (one of the 8B tp4 replicas stopped,
+    a 70B tp4 replica started in its place) applied with the deployment's own
+    `start_replica`: the stop frees its worker's GPUs first, the new replica's placement
+    group lands there, and it serves."""
+    import dataclasses
+
+    import ray
+
+    from cascadia.plan import Plan
+    from cascadia.plan_diff import START, STOP, diff
+    from router.protocol import GenerateRequest
+    from router.rollout import apply_diff
+    from router.serve import plan_deployment
+
+    _, worker_ids = cluster
+    fits, _, _ = plan_files
+    old = Plan.load(fits)
+    s0, s1 = old.stages
+    new = dataclasses.replace(old, stages=(dataclasses.replace(s0, replicas=s0.replicas[:1]),
+                                           dataclasses.replace(s1, replicas=s1.replicas + (Layout(4, 1, (0,)),))))
+    d = diff(old, new)
+    assert [a.kind for a in d.actions] == [STOP, START]
+
+    async def main():
+        dep = await plan_deployment(str(fits), "sim", time_dilation=20.0, warmup_requests=8, log=lambda m: None,
+                                    on_ray=True)
+        try:
+            small, large = dep.members["llama-3-8b"], dep.members["llama-3-70b"]
+            small_node = small.engines[0].info["node_id"]
+            report = await asyncio.wait_for(apply_diff(dep.cascade, d, dep.start_replica, drain_timeout_s=30,
+                                                       log=lambda m: None), 120)
+            added = large.engines[-1]
+            landed = (_bundle_nodes(added.placement_group), added.info["node_id"])
+            # six at once to the large stage: least outstanding work spreads them over both replicas
+            answers = await asyncio.gather(*(_generate_text(large, GenerateRequest(f"after-{k}", "w" * 400, 16))
+                                             for k in range(6)))
+            served = (await added.stats())["requests_done"]
+            return report, small_node, landed, answers, served, len(large.active), len(small.active)
+        finally:
+            await dep.stop()
+
+    report, small_node, landed, answers, served, large_active, small_active = asyncio.run(asyncio.wait_for(main(), 200))
+    assert report.started == 1 and report.retired == 1 and report.cut_at_drain_deadline == 0
+    bundles, actor_node = landed
+    assert len(bundles) == 4 and set(bundles) == {small_node} == {actor_node}  # where the stopped one was
+    assert large_active == 2 and small_active == 1
+    assert len(answers) == 6 and all(answers) and served > 0
+    released = asyncio.run(_wait_for(lambda: ray.available_resources().get("GPU", 0.0) == 16.0, 30))
+    assert released  # the new replica's placement group is removed at shutdown too
+
+
 def test_sim_plan_the_cluster_cannot_hold_is_refused_naming_the_resource(cluster, plan_files):
     import ray
 
