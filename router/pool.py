@@ -10,6 +10,10 @@ wins, so vLLM's prefix cache on that replica is reused.
 The pool holds at most `max_queue` requests at once; beyond that `generate` raises
 `PoolFull` before any work starts (the server answers 429).
 
+Retiring a replica (rolling updates, router/rollout.py): it gets no new requests; the
+requests it has not sent anything back for yet (queued, or in prefill) move to the other
+replicas (aborted there first; `moved` counts them), the rest finish where they are.
+
 Replica failure: a replica whose `generate` raises `EngineError` is marked down and gets no
 new requests; a background healer probes it (`recover()` when the engine has one -- a Ray
 replica restarts its engine in the restarted actor -- else `health()`) every
@@ -52,6 +56,9 @@ class PoolFull(EngineError):
 class _InFlight:
     replica: int
     outstanding_tokens: int
+    started: bool = False  # the replica has sent something back
+    moving: bool = False  # its replica is retired and it has sent nothing: it goes elsewhere
+    first_read: asyncio.Future | None = None  # the pending read of the first chunk (retire cancels it)
 
 
 class ReplicaPool:
@@ -79,6 +86,7 @@ class ReplicaPool:
         self._prefix_owner: OrderedDict[int, int] = OrderedDict()
         self._rng = random.Random(seed)
         self.rejected = 0
+        self.moved = 0  # requests moved off a retiring replica before it started them
         self.hold_s = hold_s
         self._down: dict[int, float] = {}  # replica index -> monotonic time it went down
         self._healers: dict[int, asyncio.Task] = {}
@@ -144,7 +152,26 @@ class ReplicaPool:
                 await asyncio.wait_for(self._any_up.wait(), self.hold_s)
             except asyncio.TimeoutError:
                 raise EngineError(f"stage {self.name}: no replica came back within {self.hold_s:g} s") from None
-        i = self._pick_index(req.prompt)
+        while True:
+            moved = False
+            async with aclosing(self._generate_on(self._pick_index(req.prompt), req)) as chunks:
+                async for chunk in chunks:
+                    if chunk is None:  # its replica is being retired and had sent nothing
+                        moved = True
+                        break
+                    yield chunk
+            if not moved:
+                return
+            if not self.active:
+                raise EngineError(f"stage {self.name}: request {req.request_id} left a retiring replica and no "
+                                  f"other replica is up")
+            self.moved += 1
+            log.info("stage %s: request %s moved off a retiring replica before it started", self.name,
+                     req.request_id)
+
+    async def _generate_on(self, i: int, req: GenerateRequest) -> AsyncIterator[TokenChunk | None]:
+        """`req` on replica i, counted in its outstanding work; ends with None (after
+        aborting it there) when the replica is retired before sending anything back."""
         key = self._prefix_key(req.prompt)
         self._prefix_owner[key] = i
         self._prefix_owner.move_to_end(key)
@@ -158,7 +185,16 @@ class ReplicaPool:
         finished = False
         try:
             async with aclosing(self.engines[i].generate(req)) as stream:
-                async for chunk in stream:
+                chunks = stream.__aiter__()
+                while True:
+                    try:
+                        chunk = await self._next_unless_moved(chunks, entry)
+                    except StopAsyncIteration:
+                        break
+                    if chunk is None:
+                        yield None
+                        return
+                    entry.started = True
                     finished = finished or chunk.finished
                     done = work if chunk.finished else min(entry.outstanding_tokens, len(chunk.token_ids))
                     self._settle(entry, done)
@@ -172,11 +208,31 @@ class ReplicaPool:
             self._settle(entry, entry.outstanding_tokens)
             self._in_flight.pop(req.request_id, None)
             if not finished:
-                # the consumer left (closed or cancelled) before the end: abort on the replica
-                # that has the request, which only the pool knows -- once the entry is gone a
-                # later pool.abort(request_id) could not find it
+                # the consumer left (closed or cancelled) before the end, or the request moves:
+                # abort on the replica that has the request, which only the pool knows -- once
+                # the entry is gone a later pool.abort(request_id) could not find it
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.engines[i].abort(req.request_id))
+
+    @staticmethod
+    async def _next_unless_moved(chunks, entry: _InFlight) -> TokenChunk | None:
+        """The stream's next chunk, or None if, before the first one, the replica is retired:
+        `retire` then cancels the pending read (our own cancellation is told apart by
+        `cancelling()`), which also ends the engine's stream."""
+        if entry.started:
+            return await chunks.__anext__()
+        if entry.moving:
+            return None
+        entry.first_read = asyncio.ensure_future(chunks.__anext__())
+        try:
+            return await entry.first_read
+        except asyncio.CancelledError:
+            cancelling = getattr(asyncio.current_task(), "cancelling", None)  # Python >= 3.11
+            if entry.moving and not (cancelling and cancelling()):
+                return None  # (on 3.10 a consumer cancelled at that very moment would be missed)
+            raise
+        finally:
+            entry.first_read = None
 
     # ---------------- failure and healing ----------------
     async def _answers(self, i: int, timeout_s: float = 2.0) -> bool:
@@ -253,14 +309,23 @@ class ReplicaPool:
         return min(matches, key=lambda i: self._outstanding[i]) if matches else None
 
     async def retire(self, i: int, drain_timeout_s: float = 60.0) -> tuple[float, int]:
-        """Take replica i out of service: no new requests; wait (at most `drain_timeout_s`)
-        for its requests in flight to finish, then shut it down. Returns (drain seconds,
+        """Take replica i out of service: no new requests; requests it has sent nothing back
+        for yet go to the other replicas; wait (at most `drain_timeout_s`) for the rest to
+        finish, then shut it down. Returns (drain seconds,
         requests still running at the deadline, which the shutdown then aborts)."""
         if i in self._retired:
             raise ValueError(f"replica {i} of {self.name} is already retired")
         if len(self.active) <= 1 and i in self.active:
             raise ValueError(f"replica {i} is the last one serving {self.name}: start its successor first")
         self._retired.add(i)
+        if self.active:
+            # what it has not started on goes to the replicas that stay: a retired replica with
+            # a backlog (the reason for a re-plan, often) would otherwise hold it to the end
+            for entry in self._in_flight.values():
+                if entry.replica == i and not entry.started:
+                    entry.moving = True
+                    if entry.first_read is not None:
+                        entry.first_read.cancel()
         t0 = time.monotonic()
         while any(e.replica == i for e in self._in_flight.values()) and time.monotonic() - t0 < drain_timeout_s:
             await asyncio.sleep(0.02)
@@ -272,7 +337,7 @@ class ReplicaPool:
 
     async def stats(self) -> dict:
         return {"name": self.name, "replicas": len(self.engines), "in_flight": len(self._in_flight),
-                "max_queue": self.max_queue, "rejected": self.rejected, "down": list(self.down),
+                "max_queue": self.max_queue, "rejected": self.rejected, "moved": self.moved, "down": list(self.down),
                 "retired": sorted(self._retired),
                 "failures": self.failures, "heal_times_s": list(self.heal_times_s),
                 "outstanding_tokens": list(self._outstanding),

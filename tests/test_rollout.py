@@ -123,3 +123,42 @@ def test_a_diff_that_changes_the_models_is_refused_before_anything_changes(plan_
 
     with pytest.raises(RolloutError, match="changes the cascade's models"):
         asyncio.run(apply_diff(FakeCascade(), d, None))
+
+
+def test_retiring_a_backlogged_replica_moves_what_it_has_not_started():
+    """A replica retired with a queue (typical of a re-plan under load): the requests it has
+    not sent anything back for go to the replica that stays; the ones it is generating finish
+    there; none fails, and the drain is as short as its running requests."""
+    from cascadia.catalog import get_model
+    from cascadia.sim.config import EngineConfig
+    from cascadia.specs.gpu import get_gpu
+    from router.pool import ReplicaPool
+    from router.protocol import GenerateRequest
+
+    stage = StageDeployment(get_model("llama-3-8b"), get_gpu("H100"), (Layout(1),),
+                            EngineConfig(max_num_seqs=4), None, 8)
+
+    async def main():
+        old, new = (SimulatedEngine.from_stage("m", stage, 0, time_dilation=DILATION, seed=s) for s in (1, 2))
+        pool = ReplicaPool([old], max_queue=100, layouts=[Layout(1)])
+
+        async def one(k: int):
+            req = GenerateRequest(f"r{k}", "w" * 400, max_tokens=256, ignore_eos=True)
+            return sum([len(c.token_ids) async for c in pool.generate(req)])
+
+        t0 = time.monotonic()
+        tasks = [asyncio.create_task(one(k)) for k in range(24)]  # 4 run, 20 wait on the one replica
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        batch_s = time.monotonic() - t0  # how long 4 requests take together
+        pool.add_replica(new, Layout(1))
+        drain_s, left = await pool.retire(0, drain_timeout_s=60)
+        tokens = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        return pool.moved, batch_s, drain_s, left, tokens, (await old.stats())["requests_done"], \
+            (await new.stats())["requests_done"]
+
+    moved, batch_s, drain_s, left, tokens, done_old, done_new = asyncio.run(main())
+    assert tokens == [256] * 24  # every request complete
+    assert left == 0 and moved >= 12 and done_old + done_new == 24 and done_new == moved
+    assert done_old <= 12  # what it had started: the first 4, and at most 4 + 4 more
+    # kept, its 16-20 waiting requests would have held the drain for 4-5 more batches
+    assert drain_s < 1.5 * batch_s, (drain_s, batch_s)
