@@ -275,7 +275,6 @@ class Cascade:
         judge_total_s = 0.0
         for i, stage in enumerate(self.stages):
             gen_req = await self._stage_request(i, req)
-            out = _StageOutput()
             held = self._judged(i, req)
             stage_start = self.clock()
             for attempt in range(self.max_retries + 1):

@@ -2,7 +2,7 @@
 has drifted from what the running plan was made for.
 
 `WorkloadMonitor` is fed by the server (one call when a cascade request arrives, one when
-it finishes or fails) and keeps the last ``window_s`` seconds of requests. Times are *plan
+it finishes) and keeps the last ``window_s`` seconds of requests. Times are *plan
 seconds*: wall seconds times ``time_scale`` (the simulated engines' time dilation in a dry
 run, 1 otherwise), so window, hold time and the trace handed to the planner are on the
 plan's clock.
@@ -37,19 +37,19 @@ class _Request:
     output_tokens: int | None = None  # the answer's, once finished
     stage_index: int | None = None  # the answering stage, once finished
     scores: tuple[float, ...] = ()  # one per judged stage visited; NaN: the judge failed
-    failed: bool = False
 
 
 @dataclass(frozen=True)
 class WorkloadSample:
-    """The window ending at ``t_s`` (plan seconds since the monitor started). Lengths and
-    stage figures are over the requests that finished in the window (0 / empty when none)."""
+    """The window ending at ``t_s`` (plan seconds since the monitor started). Rate and prompt
+    length are over every arrival in the window; answer length also counts those in flight
+    (estimated, `_answer_tokens`); stage figures are over the finished ones (0 / empty when
+    none)."""
 
     t_s: float
     window_s: float  # the part of the window the monitor has seen (shorter at start)
     arrivals: int
     finished: int
-    failed: int
     rate_rps: float
     input_tokens_mean: float
     output_tokens_mean: float
@@ -179,11 +179,6 @@ class WorkloadMonitor:
         while len(self._requests) > self.max_requests:
             self._requests.popitem(last=False)
 
-    def failed(self, request_id: str) -> None:
-        rec = self._requests.get(request_id)
-        if rec is not None:
-            rec.failed = True
-
     def finished(self, request_id: str, result) -> None:
         """``result``: the request's `router.cascade.CascadeResult`."""
         rec = self._requests.get(request_id)
@@ -216,7 +211,7 @@ class WorkloadMonitor:
             means.append(float(np.mean(finite)) if finite else math.nan)
         return WorkloadSample(
             t_s=now, window_s=span, arrivals=len(arrived), finished=len(done),
-            failed=sum(1 for r in arrived if r.failed), rate_rps=len(arrived) / span if span > 0 else 0.0,
+            rate_rps=len(arrived) / span if span > 0 else 0.0,
             input_tokens_mean=float(np.mean([r.input_tokens for r in arrived])) if arrived else 0.0,
             output_tokens_mean=float(np.mean(_answer_tokens(arrived))) if done else 0.0,
             stage_shares=tuple(reach), escalation_rates=tuple(esc), score_means=tuple(means))
@@ -238,7 +233,7 @@ class WorkloadMonitor:
         a few seconds even an overrun plan barely builds a queue, so a short window makes a
         plan that cannot keep up look fine. Repeating it asks the question re-planning is
         about: how does each plan do if the shifted workload goes on?"""
-        now, _, arrived = self._window()
+        _, _, arrived = self._window()
         done = sum(1 for r in arrived if r.output_tokens is not None)
         first = arrived[0].arrival_s if arrived else 0.0
         arrival = np.array([r.arrival_s - first for r in arrived], dtype=np.float64)
@@ -254,7 +249,7 @@ class WorkloadMonitor:
 
 
 def describe_drift(signals: dict[str, float]) -> str:
-    """One line: 'rate +1.9x, judge_score_0 12.0 points' for the log."""
+    """One line for the log, e.g. 'rate 2.90x, stage_share_1 +0.25, judge_score_0 12.0 points'."""
     parts = []
     for k, v in signals.items():
         if k in ("rate", "input_length", "output_length"):

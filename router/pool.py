@@ -311,8 +311,8 @@ class ReplicaPool:
     async def retire(self, i: int, drain_timeout_s: float = 60.0) -> tuple[float, int]:
         """Take replica i out of service: no new requests; requests it has sent nothing back
         for yet go to the other replicas; wait (at most `drain_timeout_s`) for the rest to
-        finish, then shut it down. Returns (drain seconds,
-        requests still running at the deadline, which the shutdown then aborts)."""
+        finish, then shut it down. Returns (drain seconds, requests still running at the
+        deadline, which the shutdown then aborts)."""
         if i in self._retired:
             raise ValueError(f"replica {i} of {self.name} is already retired")
         if len(self.active) <= 1 and i in self.active:

@@ -125,17 +125,12 @@ class ReplanController:
         self.events: list[ReplanEvent] = []
         self._shift_since: float | None = None
         self._last_evaluation = -math.inf
-        self._busy = False
 
     def attach_metrics(self, registry: CollectorRegistry) -> None:
         """Export on the server's registry (its /metrics) instead of a private one."""
         if not self._metrics_attached:
             self.metrics = _Metrics(registry)
             self._metrics_attached = True
-
-    @property
-    def replans(self) -> int:
-        return sum(1 for e in self.events if e.outcome == REPLANNED)
 
     def _export(self, sample, values: dict[str, float]) -> None:
         m = self.metrics
@@ -179,17 +174,10 @@ class ReplanController:
                      f"{self.policy.hold_s:g} s before planning")
         held = sample.t_s - self._shift_since
         self.metrics.shifted.set(held)
-        if held < self.policy.hold_s or sample.t_s - self._last_evaluation < self.policy.cooldown_s or self._busy:
+        if held < self.policy.hold_s or sample.t_s - self._last_evaluation < self.policy.cooldown_s:
             return None
-        return await self._evaluate(sample, shifted)
-
-    async def _evaluate(self, sample, shifted: dict[str, float]) -> ReplanEvent:
-        self._busy = True
         self._last_evaluation = sample.t_s
-        try:
-            return await self._plan_and_roll_out(sample, shifted)
-        finally:
-            self._busy = False
+        return await self._plan_and_roll_out(sample, shifted)
 
     async def _plan_and_roll_out(self, sample, shifted: dict[str, float]) -> ReplanEvent:
         t0 = time.monotonic()
@@ -246,13 +234,11 @@ class ReplanController:
         for a in d.actions:
             if a.kind == SET_THRESHOLD:
                 scores = self.monitor.scores(a.stage)
-                if scores:
-                    share = shares[a.stage + 1] / shares[a.stage] if shares[a.stage] > 0 else 1.0
-                    live = recalibrate_threshold(scores, min(max(share, 0.0), 1.0))
-                    a = dataclasses.replace(a, old_threshold=self.cascade.stages[a.stage].threshold,
-                                            new_threshold=live)
-                else:  # no live scores at this stage: nothing to re-derive from; keep the threshold
+                if not scores:  # no live scores at this stage: nothing to re-derive from; keep it
                     continue
+                share = shares[a.stage + 1] / shares[a.stage] if shares[a.stage] > 0 else 1.0
+                a = dataclasses.replace(a, old_threshold=self.cascade.stages[a.stage].threshold,
+                                        new_threshold=recalibrate_threshold(scores, min(max(share, 0.0), 1.0)))
             out.append(a)
         return PlanDiff(tuple(out), d.kept)
 

@@ -5,8 +5,9 @@ Each action in the diff's order (capacity is added before it is taken away):
 - ``start``: start the replica (`start_replica`), wait until it answers its health check,
   then put it into its stage's pool -- traffic only moves to replicas that are ready;
 - ``resize``: start the new-shape replica as above, then retire an old-shape one;
-- ``stop``: retire a replica of that shape: it gets no new requests, its requests in flight
-  finish (up to `drain_timeout_s`), then it is shut down;
+- ``stop``: retire a replica of that shape (`ReplicaPool.retire`): it gets no new requests,
+  the ones it has not started on move to the other replicas, the rest finish (up to
+  `drain_timeout_s`), then it is shut down;
 - ``set_threshold``: the stage's new threshold applies to requests that start afterwards.
 
 The cascade's stages (models, in order) must be the same in both plans: a plan that changes

@@ -250,55 +250,41 @@ def replica_starter(plan, kind: str, dep: Deployment, *, time_dilation: float = 
     (sim, sim-ray, vllm): one replica of a start/resize action's new layout, of the stage's
     model, started the way the deployment started its own; registered in `dep` for
     shutdown. The stage's model is the same in every plan a rolling update accepts."""
-    from cascadia.sim.cluster import StageDeployment
+    import itertools
 
-    pools_by_gpu = {p.gpu.name: p for p in plan.cluster.pools}
-    started = [0]
+    numbers = itertools.count(1000)  # replica numbers in names, apart from the plan's own
 
     async def start(action):
         model = plan.models[action.stage]
-        pool_spec = pools_by_gpu.get(action.gpu) or plan.cluster.pools[0]
-        started[0] += 1
+        stage = _stage_deployment(plan, model, action.gpu, (action.new,))
         if kind == "sim":
             from router.engines.sim import SimulatedEngine
 
-            stage = StageDeployment(model, pool_spec.gpu, (action.new,), plan.engine, None, pool_spec.gpus_per_node)
             engine = SimulatedEngine.from_stage(model.name, stage, 0, time_dilation=time_dilation)
         else:
             from router.plan_replicas import replica_launch, resolve_model_dir
 
             model_dir = model.name if kind == "sim-ray" else await asyncio.to_thread(resolve_model_dir, model)
-            launch = replica_launch(action.stage, model.name, 1000 + started[0], action.new, action.gpu or
-                                    pool_spec.gpu.name, plan.engine, model_dir, kv_cache_gib=kv_cache_gib)
-            if kind == "sim-ray":
-                from router.engines.sim_actor import RAY_CHUNK_INTERVAL_S, start_sim_actor
-
-                stage = StageDeployment(model, pool_spec.gpu, (action.new,), plan.engine, None,
-                                        pool_spec.gpus_per_node)
-                engine = await start_sim_actor(model.name, stage, 0, time_dilation=time_dilation,
-                                               placement=launch.placement, device_resource=launch.device,
-                                               chunk_interval_s=RAY_CHUNK_INTERVAL_S)
-            else:
-                from router.engines.vllm_ray import start_vllm_engine
-
-                engine = await start_vllm_engine(model.name, launch.settings, num_cpus=launch.actor_cpus,
-                                                 device=launch.device, placement=launch.placement)
+            launch = replica_launch(action.stage, model.name, next(numbers), action.new, stage.gpu.name, plan.engine,
+                                    model_dir, kv_cache_gib=kv_cache_gib)
+            engine = await (_sim_actor(launch, stage, 0, time_dilation) if kind == "sim-ray" else _vllm_engine(launch))
         dep.stoppers.append(engine.shutdown)
         return engine
 
     return start
 
 
-def _stage_deployments(plan) -> list:
-    """Each stage as the offline simulator deploys it (`cascadia.sim.cluster.StageDeployment`)."""
+def _stage_deployment(plan, model, gpu_name: str | None, layouts):
+    """`model` on `layouts` in the plan's pool of `gpu_name` (else its first pool), as the
+    offline simulator deploys it (`cascadia.sim.cluster.StageDeployment`)."""
     from cascadia.sim.cluster import StageDeployment
 
-    pools_by_gpu = {p.gpu.name: p for p in plan.cluster.pools}
-    out = []
-    for st, model in zip(plan.stages, plan.models):
-        pool_spec = pools_by_gpu.get(st.gpu) or plan.cluster.pools[0]
-        out.append(StageDeployment(model, pool_spec.gpu, st.replicas, plan.engine, None, pool_spec.gpus_per_node))
-    return out
+    pool_spec = next((p for p in plan.cluster.pools if p.gpu.name == gpu_name), plan.cluster.pools[0])
+    return StageDeployment(model, pool_spec.gpu, tuple(layouts), plan.engine, None, pool_spec.gpus_per_node)
+
+
+def _stage_deployments(plan) -> list:
+    return [_stage_deployment(plan, model, st.gpu, st.replicas) for st, model in zip(plan.stages, plan.models)]
 
 
 def _sim_replicas(plan, endpoints: Mapping[str, StageEndpoint], time_dilation: float) -> list[list]:
@@ -313,6 +299,40 @@ def _sim_replicas(plan, endpoints: Mapping[str, StageEndpoint], time_dilation: f
     return out
 
 
+async def _sim_actor(launch, stage, layout_index: int, time_dilation: float):
+    """A simulated replica (`stage`'s layout `layout_index`) in a Ray actor, placed as `launch` says."""
+    from router.engines.sim_actor import RAY_CHUNK_INTERVAL_S, start_sim_actor
+
+    return await start_sim_actor(launch.stage_name, stage, layout_index, time_dilation=time_dilation,
+                                 placement=launch.placement, device_resource=launch.device,
+                                 chunk_interval_s=RAY_CHUNK_INTERVAL_S)
+
+
+async def _vllm_engine(launch, cpu_core: int | None = None):
+    from router.engines.vllm_ray import start_vllm_engine
+
+    return await start_vllm_engine(launch.stage_name, launch.settings, num_cpus=launch.actor_cpus,
+                                   cpu_core=cpu_core, device=launch.device, placement=launch.placement)
+
+
+def _check_capacity(launches) -> None:
+    """PlanCapacityError, in one line naming the short resource, when the connected Ray
+    cluster cannot hold `launches`."""
+    import ray
+
+    from router.plan_replicas import PlanCapacityError, capacity_problem
+
+    problem = capacity_problem(launches, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+    if problem:
+        raise PlanCapacityError(problem)
+
+
+def _in_plan_order(started: list[list]) -> list[list]:
+    """Per stage, the (replica index, engine) pairs started biggest first, as engines in the
+    plan's replica order (the pools' layouts follow it)."""
+    return [[eng for _, eng in sorted(engines, key=lambda x: x[0])] for engines in started]
+
+
 async def _sim_ray_replicas(plan, endpoints: Mapping[str, StageEndpoint], dep: Deployment, time_dilation: float,
                             log) -> list[list]:
     """Simulated replicas in Ray actors on the connected cluster, in the placement groups
@@ -320,28 +340,22 @@ async def _sim_ray_replicas(plan, endpoints: Mapping[str, StageEndpoint], dep: D
     hold them. Each started replica is registered in `dep` for shutdown."""
     import ray
 
-    from router.engines.sim_actor import RAY_CHUNK_INTERVAL_S, start_sim_actor
-    from router.plan_replicas import PlanCapacityError, capacity_problem, launch_order, plan_launches
+    from router.plan_replicas import launch_order, plan_launches
 
     if not ray.is_initialized():
         raise RuntimeError("simulated replicas on Ray need a connected Ray cluster (serve --address or RAY_ADDRESS)")
     # a simulated replica loads no weights: the launch's model directory is never read
     launches = plan_launches(plan, {m.name: m.name for m in plan.models}, skip=set(endpoints))
-    problem = capacity_problem(launches, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
-    if problem:
-        raise PlanCapacityError(problem)
+    _check_capacity(launches)
     stages = _stage_deployments(plan)
     out: list[list] = [[] for _ in plan.stages]
     log(f"starting {len(launches)} simulated replica(s) in Ray actors")
     for launch in launch_order(launches):
-        eng = await start_sim_actor(launch.stage_name, stages[launch.stage_index], launch.replica_index,
-                                    time_dilation=time_dilation, placement=launch.placement,
-                                    device_resource=launch.device, chunk_interval_s=RAY_CHUNK_INTERVAL_S)
+        eng = await _sim_actor(launch, stages[launch.stage_index], launch.replica_index, time_dilation)
         dep.stoppers.append(eng.shutdown)
         out[launch.stage_index].append((launch.replica_index, eng))
         log(f"  {launch.name} ready ({launch.describe()})")
-    # started big groups first; the pools keep the plan's replica order (layouts match)
-    return [[eng for _, eng in sorted(engines, key=lambda x: x[0])] for engines in out]
+    return _in_plan_order(out)
 
 
 async def _vllm_replicas(plan, endpoints: Mapping[str, StageEndpoint], dep: Deployment, kv_cache_gib: float,
@@ -352,19 +366,14 @@ async def _vllm_replicas(plan, endpoints: Mapping[str, StageEndpoint], dep: Depl
 
     import ray
 
-    from router.engines.vllm_ray import start_vllm_engine
-    from router.plan_replicas import (PlanCapacityError, capacity_problem, launch_order, plan_launches,
-                                      resolve_model_dir)
+    from router.plan_replicas import launch_order, plan_launches, resolve_model_dir
 
     if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
         dep.stoppers.append(ray.shutdown)
     dirs = {m.name: await asyncio.to_thread(resolve_model_dir, m) for m in plan.models if m.name not in endpoints}
     launches = plan_launches(plan, dirs, skip=set(endpoints), kv_cache_gib=kv_cache_gib)
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    problem = capacity_problem(launches, nodes)
-    if problem:
-        raise PlanCapacityError(problem)
+    _check_capacity(launches)
     out: list[list] = [[] for _ in plan.stages]
     cores = os.cpu_count() or 1
     log(f"starting {len(launches)} vLLM engine(s) on Ray")
@@ -372,13 +381,11 @@ async def _vllm_replicas(plan, endpoints: Mapping[str, StageEndpoint], dep: Depl
     # could scatter over the nodes and leave no node free for a big one
     for k, launch in enumerate(launch_order(launches)):
         # one core per single-core CPU replica: else every replica runs on the parent's core
-        core = k % cores if launch.device == "CPU" and launch.placement is None else None
-        eng = await start_vllm_engine(launch.stage_name, launch.settings, num_cpus=launch.actor_cpus,
-                                      cpu_core=core, device=launch.device, placement=launch.placement)
+        eng = await _vllm_engine(launch, k % cores if launch.device == "CPU" and launch.placement is None else None)
         dep.stoppers.append(eng.shutdown)
         out[launch.stage_index].append((launch.replica_index, eng))
         log(f"  {launch.name} ready ({launch.describe()})")
-    return [[eng for _, eng in sorted(engines, key=lambda x: x[0])] for engines in out]
+    return _in_plan_order(out)
 
 
 async def recalibrated(stages, judge, stage_shares, n_requests: int, log) -> list:

@@ -120,7 +120,7 @@ async def _request_id_and_errors(request: web.Request, handler):
         if e.status == 429:
             response.headers["Retry-After"] = str(RETRY_AFTER_S)
         return response
-    except web.HTTPRequestEntityTooLarge as e:
+    except web.HTTPRequestEntityTooLarge:
         message = f"request body exceeds the limit of {request.app._client_max_size} bytes"
         log.info("request %s: 413 %s", request_id, message)
         return _json_error(413, error_body(message, type="invalid_request_error", code="request_too_large"),
@@ -255,8 +255,6 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
         _record_abort(request, params.model, creq.request_id, "cancelled")
         raise
     except EngineError as e:
-        if monitor is not None:
-            monitor.failed(creq.request_id)
         shed = isinstance(e, PoolFull)  # the stage's queue is full: 429, the client may retry
         metrics.record_failure(params.model, "overloaded" if shed else "engine_error")
         (log.info if shed else log.warning)("request %s: %s: %s", creq.request_id,
